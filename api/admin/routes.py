@@ -1,0 +1,249 @@
+"""Admin API: accounts, credits, keys, account JWTs, the ledger, request records, reconcile.
+
+Plain `def` routes: FastAPI runs them in its threadpool, and each one is a single database
+transaction (`db.session.transaction`); the `db` functions never commit.
+"""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query
+from sqlalchemy import func, select, tuple_
+from sqlalchemy.orm import Session
+
+from api.admin.auth import AdminDep, SettingsDep
+from api.admin.jwt_tokens import mint_account_token
+from api.admin.schemas import (
+    DEFAULT_PAGE_SIZE,
+    AccountCreate,
+    AccountOut,
+    AccountPage,
+    AccountUpdate,
+    CreditsAdd,
+    CreditsOut,
+    DiscrepancyOut,
+    KeyCreate,
+    KeyCreated,
+    KeyList,
+    KeyOut,
+    KeyRevoked,
+    LedgerEntryOut,
+    LedgerPage,
+    PageSize,
+    ReconcileOut,
+    RequestOut,
+    TokenCreate,
+    TokenOut,
+)
+from api.errors import InvalidRequestError, NotFoundError
+from db.accounts import create_account, create_api_key, revoke_key
+from db.ledger import AccountUnavailable, InsufficientCredits, append_balance_entry, reconcile
+from db.models import Account, ApiKey, LedgerEntry, Request
+from db.session import transaction
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+
+# `created_by` of ledger rows written here: there is one admin credential, not one per person.
+CREATED_BY = "admin-api"
+
+
+def _account(session: Session, account_id: str) -> Account:
+    account = session.get(Account, account_id)
+    if account is None:
+        raise NotFoundError(f"account {account_id!r} not found")
+    return account
+
+
+@router.post("/accounts", status_code=201)
+def create_account_route(body: AccountCreate, settings: SettingsDep) -> AccountOut:
+    """A new account; initial credits are a `grant` ledger entry."""
+    with transaction(settings.require_database_url()) as session:
+        account = create_account(session, body.name, body.credits, created_by=CREATED_BY)
+        if body.rate_limits is not None:
+            account.rate_limits = body.rate_limits.as_column()
+            session.flush()
+        return AccountOut.of(account)
+
+
+@router.get("/accounts")
+def list_accounts(
+    settings: SettingsDep,
+    limit: Annotated[PageSize, Query()] = DEFAULT_PAGE_SIZE,
+    after_id: Annotated[str | None, Query()] = None,
+) -> AccountPage:
+    """Accounts, oldest first; pass the previous page's `next_after_id` as `after_id`."""
+    with transaction(settings.require_database_url()) as session:
+        query = select(Account).order_by(Account.created_at, Account.id).limit(limit + 1)
+        if after_id is not None:
+            cursor = session.get(Account, after_id)
+            if cursor is None:
+                raise InvalidRequestError(f"after_id: account {after_id!r} not found")
+            query = query.where(
+                tuple_(Account.created_at, Account.id) > tuple_(cursor.created_at, cursor.id)
+            )
+        rows = list(session.scalars(query))
+        page, has_more = rows[:limit], len(rows) > limit
+        return AccountPage(
+            data=[AccountOut.of(a) for a in page],
+            has_more=has_more,
+            next_after_id=page[-1].id if has_more else None,
+        )
+
+
+@router.get("/accounts/{account_id}")
+def get_account(account_id: str, settings: SettingsDep) -> AccountOut:
+    with transaction(settings.require_database_url()) as session:
+        return AccountOut.of(_account(session, account_id))
+
+
+@router.patch("/accounts/{account_id}")
+def update_account(account_id: str, body: AccountUpdate, settings: SettingsDep) -> AccountOut:
+    """Rename, disable or enable an account, or set its default key rate limits."""
+    sent = body.model_fields_set
+    with transaction(settings.require_database_url()) as session:
+        account = _account(session, account_id)
+        if body.name is not None:
+            account.name = body.name
+        if body.disabled is not None:
+            account.disabled = body.disabled
+        if "rate_limits" in sent:
+            account.rate_limits = body.rate_limits.as_column() if body.rate_limits else None
+        session.flush()
+        return AccountOut.of(account)
+
+
+@router.post("/accounts/{account_id}/credits")
+def add_credits(account_id: str, body: CreditsAdd, settings: SettingsDep) -> CreditsOut:
+    """Positive amounts are a `grant`, negative ones an `adjustment`."""
+    kind = "grant" if body.amount > 0 else "adjustment"
+    with transaction(settings.require_database_url()) as session:
+        try:
+            entry = append_balance_entry(
+                session, account_id, kind, body.amount, reason=body.reason, created_by=CREATED_BY
+            )
+        except AccountUnavailable as exc:
+            raise NotFoundError(f"account {account_id!r} not found") from exc
+        except InsufficientCredits as exc:
+            raise InvalidRequestError(
+                f"amount: {body.amount} would take the balance below the reserved credits; "
+                f"at most {exc.available} credits can be removed now"
+            ) from exc
+        account = _account(session, account_id)
+        # The balance moved in a Core UPDATE; the identity map may hold the old row.
+        session.refresh(account)
+        out = AccountOut.of(account)
+        return CreditsOut(**out.model_dump(), ledger_entry=LedgerEntryOut.model_validate(entry))
+
+
+@router.post("/accounts/{account_id}/keys", status_code=201)
+def create_key(account_id: str, body: KeyCreate, settings: SettingsDep) -> KeyCreated:
+    """A new API key; the plaintext is in this response only. Unset limits take the
+    account's defaults."""
+    with transaction(settings.require_database_url()) as session:
+        account = _account(session, account_id)
+        own = body.rate_limits.as_column() if body.rate_limits else {}
+        limits = {**(account.rate_limits or {}), **own} or None
+        new = create_api_key(
+            session, account.id, name=body.name, rate_limits=limits, expires_at=body.expires_at
+        )
+        key = new.key
+        return KeyCreated(
+            id=key.id,
+            key=new.plaintext,
+            prefix=key.prefix,
+            name=key.name,
+            account_id=key.account_id,
+            rate_limits=key.rate_limits,
+            created_at=key.created_at,
+            expires_at=key.expires_at,
+        )
+
+
+@router.get("/accounts/{account_id}/keys")
+def list_keys(account_id: str, settings: SettingsDep) -> KeyList:
+    """All the account's keys, revoked ones included, oldest first; never the secret."""
+    with transaction(settings.require_database_url()) as session:
+        _account(session, account_id)
+        keys = session.scalars(
+            select(ApiKey)
+            .where(ApiKey.account_id == account_id)
+            .order_by(ApiKey.created_at, ApiKey.id)
+        )
+        return KeyList(data=[KeyOut.model_validate(k) for k in keys])
+
+
+@router.delete("/keys/{key_id}")
+def revoke_key_route(key_id: str, settings: SettingsDep) -> KeyRevoked:
+    """Revoke a key; revoking it again answers the original revocation time."""
+    with transaction(settings.require_database_url()) as session:
+        key = revoke_key(session, key_id)
+        if key is None:
+            raise NotFoundError(f"key {key_id!r} not found")
+        assert key.revoked_at is not None
+        return KeyRevoked(id=key.id, revoked_at=key.revoked_at)
+
+
+@router.post("/accounts/{account_id}/tokens", status_code=201)
+def mint_token(
+    account_id: str,
+    settings: SettingsDep,
+    body: Annotated[TokenCreate | None, Body()] = None,
+) -> TokenOut:
+    """A JWT whose `sub` is the account, usable as `Authorization: Bearer` on /v1."""
+    ttl_seconds = (body or TokenCreate()).ttl_seconds
+    with transaction(settings.require_database_url()) as session:
+        _account(session, account_id)
+    token, expires_at = mint_account_token(settings, account_id, ttl_seconds)
+    return TokenOut(token=token, expires_at=expires_at, account_id=account_id)
+
+
+@router.get("/accounts/{account_id}/ledger")
+def account_ledger(
+    account_id: str,
+    settings: SettingsDep,
+    limit: Annotated[PageSize, Query()] = DEFAULT_PAGE_SIZE,
+    before_id: Annotated[int | None, Query(ge=1)] = None,
+) -> LedgerPage:
+    """Ledger entries, newest first; pass `next_before_id` as `before_id` for older ones."""
+    with transaction(settings.require_database_url()) as session:
+        _account(session, account_id)
+        query = (
+            select(LedgerEntry)
+            .where(LedgerEntry.account_id == account_id)
+            .order_by(LedgerEntry.id.desc())
+            .limit(limit + 1)
+        )
+        if before_id is not None:
+            query = query.where(LedgerEntry.id < before_id)
+        rows = list(session.scalars(query))
+        page, has_more = rows[:limit], len(rows) > limit
+        return LedgerPage(
+            data=[LedgerEntryOut.model_validate(e) for e in page],
+            has_more=has_more,
+            next_before_id=page[-1].id if has_more else None,
+        )
+
+
+@router.get("/requests/{request_id}")
+def get_request(request_id: str, settings: SettingsDep) -> RequestOut:
+    """The request row as stored, with its reserve/release/charge ledger entries."""
+    with transaction(settings.require_database_url()) as session:
+        row = session.get(Request, request_id)
+        if row is None:
+            raise NotFoundError(f"request {request_id!r} not found")
+        entries = session.scalars(
+            select(LedgerEntry).where(LedgerEntry.request_id == request_id).order_by(LedgerEntry.id)
+        )
+        return RequestOut.of(row, list(entries))
+
+
+@router.get("/reconcile")
+def reconcile_route(settings: SettingsDep) -> ReconcileOut:
+    """Check every balance and reserve against the ledger and the open requests."""
+    with transaction(settings.require_database_url()) as session:
+        checked = session.execute(select(func.count()).select_from(Account)).scalar_one()
+        bad = reconcile(session)
+    return ReconcileOut(
+        ok=not bad,
+        accounts_checked=checked,
+        discrepancies=[DiscrepancyOut.model_validate(d) for d in bad],
+    )

@@ -1,0 +1,114 @@
+"""Pure conversions between wire models, the worker contract and the model catalogue."""
+
+from collections.abc import Sequence
+from decimal import Decimal
+
+from api.anthropic import sse
+from api.anthropic.protocol import (
+    MessageResponse,
+    MessagesRequest,
+    ModelInfo,
+    ModelList,
+    TextBlock,
+    Usage,
+)
+from api.errors import InvalidRequestError
+from workers.catalog import ModelSpec
+from workers.protocol import DoneEvent, SamplingParams
+
+DEFAULT_PAGE_LIMIT = 20
+MAX_PAGE_LIMIT = 1000
+
+
+def estimated_cost_usd(cost_usd: str) -> float:
+    """The exact decimal cost string as the float the seed's wire format shows (0.00085)."""
+    return float(Decimal(cost_usd))
+
+
+def sampling_params(request: MessagesRequest, max_tokens: int) -> SamplingParams:
+    """Decoding parameters for the job; the route has already defaulted and capped max_tokens."""
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        stop_sequences=list(request.stop_sequences or []),
+    )
+
+
+def message_response(*, message_id: str, model: str, text: str, done: DoneEvent) -> MessageResponse:
+    """The non-streaming Message: all text in one block, usage and metering from `done`."""
+    return MessageResponse(
+        id=message_id,
+        model=model,
+        # Always one block, even when empty, so `message.content[0].text` works for clients.
+        content=[TextBlock(text=text)],
+        stop_reason=done.stop_reason,
+        stop_sequence=done.stop_sequence,
+        usage=Usage(input_tokens=done.input_tokens, output_tokens=done.output_tokens),
+        remaining_credits=done.remaining_credits,
+        estimated_credits_used=done.credits_charged,
+        estimated_cost_usd=estimated_cost_usd(done.cost_usd),
+    )
+
+
+def message_delta_event(done: DoneEvent) -> bytes:
+    """The stream's `message_delta` frame for a finished request."""
+    return sse.message_delta(
+        stop_reason=done.stop_reason,
+        stop_sequence=done.stop_sequence,
+        output_tokens=done.output_tokens,
+        input_tokens=done.input_tokens,
+        remaining_credits=done.remaining_credits,
+        estimated_credits_used=done.credits_charged,
+        estimated_cost_usd=estimated_cost_usd(done.cost_usd),
+    )
+
+
+def model_info(spec: ModelSpec) -> ModelInfo:
+    return ModelInfo(
+        id=spec.id,
+        display_name=spec.display_name,
+        created_at=spec.created_at,
+        max_input_tokens=spec.context_window,
+        max_tokens=spec.max_output_tokens,
+    )
+
+
+def models_page(
+    models: Sequence[ModelSpec],
+    after_id: str | None = None,
+    before_id: str | None = None,
+    limit: int = DEFAULT_PAGE_LIMIT,
+) -> ModelList:
+    """One page of `models` (already in listing order), paginated the way the SDK pages.
+
+    Forward (no cursor or `after_id`): the `limit` models after the cursor; `has_more` says more
+    follow, and the SDK asks next for `after_id=last_id`. Backward (`before_id`): the `limit`
+    models right before the cursor; `has_more` says more precede, and the SDK asks next for
+    `before_id=first_id`.
+    An unknown cursor gives an empty last page, so a client iterating never loops.
+    """
+    if not 1 <= limit <= MAX_PAGE_LIMIT:
+        raise InvalidRequestError(f"limit: Input should be between 1 and {MAX_PAGE_LIMIT}")
+    if after_id is not None and before_id is not None:
+        raise InvalidRequestError("after_id and before_id cannot both be set")
+    ids = [m.id for m in models]
+    cursor = after_id if after_id is not None else before_id
+    if cursor is not None and cursor not in ids:
+        page: Sequence[ModelSpec] = []
+        has_more = False
+    elif before_id is not None:
+        end = ids.index(before_id)
+        start = max(0, end - limit)
+        page, has_more = models[start:end], start > 0
+    else:
+        start = ids.index(after_id) + 1 if after_id is not None else 0
+        page, has_more = models[start : start + limit], start + limit < len(models)
+    data = [model_info(m) for m in page]
+    return ModelList(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )

@@ -1,0 +1,161 @@
+"""Anthropic-compatible routes: /v1/messages, /v1/messages/count_tokens, /v1/models."""
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
+
+from api.anthropic import sse
+from api.anthropic.admission import Admitted, admit, resolve_model, tokenize
+from api.anthropic.convert import message_delta_event, message_response, model_info, models_page
+from api.anthropic.protocol import CountTokensRequest, MessagesRequest, ModelInfo, TokenCount
+from api.auth import PrincipalDep
+from api.deps import PlatformDep
+from api.errors import (
+    ApiError,
+    GatewayTimeoutError,
+    OverloadedError,
+    api_error_for,
+    request_id_of,
+)
+from api.platform import Platform
+from api.relay import EventSubscription
+from workers.protocol import DeltaEvent, DoneEvent
+
+# nginx's code for a client that went away before the answer; nobody reads it.
+CLIENT_CLOSED_REQUEST = 499
+
+router = APIRouter()
+
+
+@router.post("/v1/messages")
+async def create_message(
+    body: MessagesRequest, principal: PrincipalDep, platform: PlatformDep, request: Request
+) -> object:
+    admitted = await admit(platform, principal, body, request_id_of(request))
+    subscription = await _start(platform, admitted)
+    if body.stream:
+        return StreamingResponse(
+            _stream(platform, admitted, body.model, subscription),
+            media_type="text/event-stream; charset=utf-8",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+    return await _complete(platform, admitted, body.model, request, subscription)
+
+
+async def _start(platform: Platform, admitted: Admitted) -> EventSubscription:
+    """Subscribe first, then enqueue: no event can be published before we listen."""
+    subscription = EventSubscription(platform.redis, admitted.request_id)
+    try:
+        await subscription.__aenter__()
+        await platform.enqueue(admitted.spec, admitted.job)
+    except BaseException as exc:
+        await subscription.__aexit__(None, None, None)
+        await platform.abandon(admitted.request_id, "could not enqueue the request")
+        if isinstance(exc, RedisError | KombuError | OSError | TimeoutError):
+            raise OverloadedError("the request queue is unavailable, retry shortly") from exc
+        raise
+    return subscription
+
+
+async def _complete(
+    platform: Platform,
+    admitted: Admitted,
+    model: str,
+    request: Request,
+    subscription: EventSubscription,
+) -> Response:
+    deadline = time.monotonic() + platform.settings.request_timeout_s
+    text: list[str] = []
+    finished = False
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GatewayTimeoutError("the request timed out and was cancelled")
+            event = await subscription.next(min(remaining, 1.0))
+            if event is None:
+                if await request.is_disconnected():
+                    return Response(status_code=CLIENT_CLOSED_REQUEST)
+                continue
+            if isinstance(event, DeltaEvent):
+                text.append(event.text)
+                continue
+            finished = True
+            if isinstance(event, DoneEvent):
+                response = message_response(
+                    message_id=admitted.message_id, model=model, text="".join(text), done=event
+                )
+                return JSONResponse(response.model_dump(mode="json"))
+            raise api_error_for(event.error_type, event.message)
+    finally:
+        await subscription.__aexit__(None, None, None)
+        if not finished:
+            platform.cancel_soon(admitted.request_id)
+
+
+async def _stream(
+    platform: Platform, admitted: Admitted, model: str, subscription: EventSubscription
+) -> AsyncIterator[bytes]:
+    deadline = time.monotonic() + platform.settings.request_timeout_s
+    finished = False
+    try:
+        yield sse.message_start(admitted.message_id, model, admitted.input_tokens)
+        yield sse.content_block_start(0)
+        yield sse.ping()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                yield sse.error_event("timeout_error", "the request timed out and was cancelled")
+                return
+            event = await subscription.next(min(remaining, platform.settings.ping_interval_s))
+            if event is None:
+                yield sse.ping()
+            elif isinstance(event, DeltaEvent):
+                yield sse.text_delta(0, event.text)
+            elif isinstance(event, DoneEvent):
+                finished = True
+                yield sse.content_block_stop(0)
+                yield message_delta_event(event)
+                yield sse.message_stop()
+                return
+            else:
+                finished = True
+                yield sse.error_event(event.error_type, event.message)
+                return
+    except ApiError as exc:
+        yield sse.error_event(exc.error_type, exc.message)
+    finally:
+        await subscription.__aexit__(None, None, None)
+        if not finished:
+            platform.cancel_soon(admitted.request_id)
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(
+    body: CountTokensRequest, principal: PrincipalDep, platform: PlatformDep
+) -> TokenCount:
+    spec = resolve_model(platform, body.model)
+    ids = await run_in_threadpool(tokenize, platform, spec, body)
+    return TokenCount(input_tokens=len(ids))
+
+
+@router.get("/v1/models")
+async def list_models(
+    principal: PrincipalDep,
+    platform: PlatformDep,
+    after_id: str | None = None,
+    before_id: str | None = None,
+    limit: int = Query(default=20),
+) -> object:
+    page = models_page(platform.catalog.all(), after_id, before_id, limit)
+    return page.model_dump(mode="json")
+
+
+@router.get("/v1/models/{model_id}")
+async def get_model(model_id: str, principal: PrincipalDep, platform: PlatformDep) -> ModelInfo:
+    return model_info(resolve_model(platform, model_id))

@@ -1,0 +1,94 @@
+"""Server-sent events in Anthropic's stream format: every frame is a named event whose JSON
+`data` repeats the name in `type` (the SDKs drop unnamed events).
+
+Usage counts: `message_start` carries the real `input_tokens` and `output_tokens: 0` (nothing
+generated yet; the real API often says 1). `message_delta` carries the cumulative totals, which the
+SDK's accumulator copies over the start values, so the final Message's usage is exact either way.
+"""
+
+import json
+from typing import Any
+
+from api.anthropic.protocol import StopReason
+
+
+def sse_event(event: str, data: dict[str, Any]) -> bytes:
+    """`event: X\\ndata: {compact JSON with "type": X}\\n\\n`."""
+    payload = json.dumps({"type": event, **data}, separators=(",", ":"), ensure_ascii=False)
+    return f"event: {event}\ndata: {payload}\n\n".encode()
+
+
+def message_start(message_id: str, model: str, input_tokens: int) -> bytes:
+    return sse_event(
+        "message_start",
+        {
+            "message": {
+                "id": message_id,
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {
+                    "input_tokens": input_tokens,
+                    "output_tokens": 0,
+                    "cache_creation_input_tokens": 0,
+                    "cache_read_input_tokens": 0,
+                    "service_tier": "standard",
+                },
+            }
+        },
+    )
+
+
+def content_block_start(index: int) -> bytes:
+    """Opens a text block (the only kind we generate)."""
+    return sse_event(
+        "content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}}
+    )
+
+
+def text_delta(index: int, text: str) -> bytes:
+    return sse_event(
+        "content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": text}}
+    )
+
+
+def content_block_stop(index: int) -> bytes:
+    return sse_event("content_block_stop", {"index": index})
+
+
+def message_delta(
+    stop_reason: StopReason | None,
+    stop_sequence: str | None,
+    output_tokens: int,
+    input_tokens: int,
+    remaining_credits: int,
+    estimated_credits_used: int,
+    estimated_cost_usd: float,
+) -> bytes:
+    """Stop reason, cumulative usage and the seed's metering fields (top level, beside `delta`)."""
+    return sse_event(
+        "message_delta",
+        {
+            "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+            "remaining_credits": remaining_credits,
+            "estimated_credits_used": estimated_credits_used,
+            "estimated_cost_usd": estimated_cost_usd,
+        },
+    )
+
+
+def message_stop() -> bytes:
+    return sse_event("message_stop", {})
+
+
+def ping() -> bytes:
+    return sse_event("ping", {})
+
+
+def error_event(error_type: str, message: str) -> bytes:
+    """A mid-stream error; the stream ends after it, without `message_stop`."""
+    return sse_event("error", {"error": {"type": error_type, "message": message}})

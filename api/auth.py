@@ -1,0 +1,79 @@
+"""Who is calling: an API key (x-api-key or Bearer ak_...) or a JWT (Bearer), checked per request.
+
+Every request reads the key from Postgres, so a revoked key stops working on the next request.
+"""
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+
+from api.errors import AuthenticationError, PermissionDeniedError
+from db.accounts import KEY_PREFIX, find_key, touch_key
+from db.models import Account
+from db.session import transaction
+
+
+@dataclass(frozen=True)
+class Principal:
+    account_id: str
+    api_key_id: str | None  # None when authenticated by JWT
+    key_prefix: str | None
+    rate_limits: dict[str, int] | None
+
+
+def credential_of(request: Request) -> str:
+    """x-api-key wins over Authorization (as the real API); either is accepted."""
+    api_key = request.headers.get("x-api-key")
+    if api_key:
+        return api_key.strip()
+    authorization = request.headers.get("authorization", "")
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    raise AuthenticationError(
+        "missing credentials: send an API key in x-api-key or Authorization: Bearer"
+    )
+
+
+def _lookup(database_url: str, credential: str) -> Principal:
+    with transaction(database_url) as session:
+        found = find_key(session, credential)
+        if found is None:
+            raise AuthenticationError("invalid API key")
+        key, account = found
+        _check_enabled(account)
+        touch_key(session, key.id)
+        return Principal(account.id, key.id, key.prefix, key.rate_limits or account.rate_limits)
+
+
+def _lookup_account(database_url: str, account_id: str) -> Principal:
+    with transaction(database_url) as session:
+        account = session.get(Account, account_id)
+        if account is None:
+            raise AuthenticationError("invalid token: unknown account")
+        _check_enabled(account)
+        return Principal(account.id, None, None, account.rate_limits)
+
+
+def _check_enabled(account: Account) -> None:
+    if account.disabled:
+        raise PermissionDeniedError("this account is disabled")
+
+
+async def authenticate(request: Request) -> Principal:
+    platform = request.app.state.platform
+    credential = credential_of(request)
+    if credential.startswith(KEY_PREFIX) or credential.count(".") != 2:
+        principal = await run_in_threadpool(_lookup, platform.database_url, credential)
+    else:
+        from api.admin.jwt_tokens import verify_account_token
+
+        account_id = verify_account_token(platform.settings, credential)
+        principal = await run_in_threadpool(_lookup_account, platform.database_url, account_id)
+    request.state.principal = principal
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]

@@ -1,0 +1,41 @@
+"""The API application: `uvicorn --factory api.main:create_app`."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api import health
+from api.admin import routes as admin_routes
+from api.anthropic import routes as anthropic_routes
+from api.errors import install_error_handlers
+from api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from api.platform import Platform
+from api.settings import ApiSettings
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or ApiSettings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        platform = Platform.create(settings)
+        app.state.platform = platform
+        app.state.settings = settings
+        try:
+            yield
+        finally:
+            await platform.close()
+
+    app = FastAPI(title="Abliterated inference platform", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(anthropic_routes.router)
+    app.include_router(admin_routes.router)
+    app.include_router(health.router)
+    # Outermost last: the request id exists before the body limit can refuse a request.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    return app

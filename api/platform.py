@@ -1,0 +1,103 @@
+"""What the API process holds for its lifetime: settings, catalogue, Redis, the task producer."""
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+import anyio
+import redis.asyncio as aioredis
+from celery import Celery
+
+from api.settings import ApiSettings
+from db.ledger import Outcome, settle_request
+from db.session import transaction
+from workers.catalog import Catalog, ModelSpec, load_catalog
+from workers.prompting import PromptRenderer, get_renderer
+from workers.protocol import CANCEL_CHANNEL, TASK_GENERATE, GenerateJob, cancel_key
+
+log = logging.getLogger("abl.api")
+
+
+@dataclass
+class Platform:
+    settings: ApiSettings
+    catalog: Catalog
+    redis: aioredis.Redis
+    celery: Celery
+    database_url: str
+    credit_price: Decimal
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @classmethod
+    def create(cls, settings: ApiSettings) -> "Platform":
+        redis_url = settings.require_redis_url()
+        celery = Celery("abl-api", broker=redis_url)
+        celery.conf.update(
+            task_serializer="json",
+            broker_connection_retry_on_startup=True,
+            broker_transport_options={"visibility_timeout": 3600},
+        )
+        return cls(
+            settings=settings,
+            catalog=load_catalog(settings.models_file),
+            redis=aioredis.Redis.from_url(redis_url, max_connections=2000),
+            celery=celery,
+            database_url=settings.require_database_url(),
+            credit_price=Decimal(settings.credit_price_usd),
+        )
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            await task
+        await self.redis.aclose()
+        self.celery.close()
+
+    async def _cancel_logged(self, request_id: str) -> None:
+        try:
+            await self.cancel(request_id)
+        except Exception:  # Redis or Postgres down: the sweeper settles it later
+            log.exception("could not cancel %s", request_id)
+
+    def renderer(self, spec: ModelSpec) -> PromptRenderer:
+        return get_renderer(Path(spec.path(self.settings.models_dir)))
+
+    async def enqueue(self, spec: ModelSpec, job: GenerateJob) -> None:
+        payload = job.model_dump(mode="json")
+        await anyio.to_thread.run_sync(
+            lambda: self.celery.send_task(
+                TASK_GENERATE, args=[payload], queue=spec.queue, routing_key=spec.queue
+            )
+        )
+
+    async def cancel(self, request_id: str) -> None:
+        """Stop a request whose client is gone.
+
+        Still queued: settle it here as cancelled (nothing produced, nothing charged); a worker
+        that picks the task up later finds it settled and skips it. Running: tell every worker
+        to drop it; the key also catches a worker that claims it between the two steps.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(cancel_key(request_id), b"1", ex=3600)
+            pipe.publish(CANCEL_CHANNEL, request_id)
+            await pipe.execute()
+        await self.settle_if_queued(request_id, "cancelled", "client went away before it started")
+
+    async def abandon(self, request_id: str, reason: str) -> None:
+        """A request that will never run (enqueueing failed): failed, its hold released."""
+        await self.settle_if_queued(request_id, "failed", reason)
+
+    async def settle_if_queued(self, request_id: str, status: str, reason: str) -> None:
+        def settle() -> None:
+            with transaction(self.database_url) as session:
+                outcome = Outcome(status, 0, Decimal(0), 0, error=reason)
+                settle_request(session, request_id, outcome, only_queued=True)
+
+        await anyio.to_thread.run_sync(settle)
+
+    def cancel_soon(self, request_id: str) -> None:
+        """Cancel from a place that is itself being cancelled (a client that went away)."""
+        task = asyncio.get_running_loop().create_task(self._cancel_logged(request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -1,0 +1,150 @@
+"""ORM models: accounts, API keys, requests and the append-only credit ledger."""
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+REQUEST_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+# Kinds that move the balance vs. kinds that move the reserved amount.
+BALANCE_KINDS = ("grant", "charge", "refund", "adjustment")
+RESERVATION_KINDS = ("reserve", "release")
+LEDGER_KINDS = BALANCE_KINDS + RESERVATION_KINDS
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _now() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class Account(Base):
+    __tablename__ = "account"
+    __table_args__ = (
+        CheckConstraint("reserved_credits >= 0", name="reserved_non_negative"),
+        CheckConstraint("reserved_credits <= credit_balance", name="reserved_within_balance"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    credit_balance: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    reserved_credits: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    disabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # Default per-key rate limits for keys created without their own.
+    rate_limits: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = _now()
+
+
+class ApiKey(Base):
+    __tablename__ = "api_key"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("account.id"), nullable=False, index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    # SHA-256 of the whole key, hex; the key itself is never stored.
+    key_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    prefix: Mapped[str] = mapped_column(String(20), nullable=False)
+    rate_limits: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = _now()
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Request(Base):
+    __tablename__ = "request"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('queued','running','succeeded','failed','cancelled')", name="status_valid"
+        ),
+        CheckConstraint("credits_charged <= credits_reserved", name="charge_within_reservation"),
+        Index("ix_request_account_id_created_at", "account_id", "created_at"),
+        Index(
+            "ix_request_open",
+            "status",
+            "created_at",
+            postgresql_where="status IN ('queued','running')",
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(40), nullable=False, unique=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("account.id"), nullable=False)
+    api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_key.id"), index=True)
+    model: Mapped[str] = mapped_column(String(256), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    stream: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    max_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
+    input_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
+    output_tokens: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    stop_reason: Mapped[str | None] = mapped_column(String(32))
+    stop_sequence: Mapped[str | None] = mapped_column(Text)
+    credits_reserved: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    credits_charged: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(20, 9), nullable=False, default=Decimal(0))
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = _now()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class LedgerEntry(Base):
+    """Append-only. Balance kinds sum to the balance; reservation kinds sum to the reserve."""
+
+    __tablename__ = "ledger_entry"
+    __table_args__ = (
+        CheckConstraint(
+            "kind IN ('grant','charge','refund','adjustment','reserve','release')",
+            name="kind_valid",
+        ),
+        # One reserve, one charge and one release per request: settlement retried or
+        # redelivered can never charge twice.
+        Index(
+            "uq_ledger_entry_request_id_kind",
+            "request_id",
+            "kind",
+            unique=True,
+            postgresql_where="request_id IS NOT NULL",
+        ),
+        Index("ix_ledger_entry_account_id_id", "account_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("account.id"), nullable=False)
+    request_id: Mapped[str | None] = mapped_column(ForeignKey("request.id"))
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    # Signed: credits added to (or, negative, taken from) the balance or the reserve by kind.
+    amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    balance_after: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    reserved_after: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = _now()

@@ -1,0 +1,37 @@
+"""Settings every process shares: where the data, the database and Redis are."""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CoreSettings(BaseSettings):
+    """ABL_* environment shared by the API, the workers and the CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="ABL_", extra="ignore")
+
+    data_dir: Path = Path(".abl")
+    database_url: str | None = None
+    redis_url: str | None = None
+    # USD price of one credit; the seed's example (42 + 128 tokens at $5/M = 1 credit) needs $0.001.
+    credit_price_usd: str = "0.001"
+    # Extra model catalogue (JSON file); the default model is always present.
+    models_file: Path | None = None
+    default_max_tokens: int = Field(default=1024, ge=1)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise RuntimeError(
+                "ABL_DATABASE_URL is not set (make up sets it for embedded Postgres)"
+            )
+        return self.database_url
+
+    def require_redis_url(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError("ABL_REDIS_URL is not set (make up sets it for embedded Redis)")
+        return self.redis_url

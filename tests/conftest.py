@@ -1,0 +1,93 @@
+"""Shared fixtures: one real stack (Postgres, Redis, API, a Celery worker, the default model)
+per test session, started from scratch in a temporary directory.
+
+Embedded Postgres and Redis are started unless ABL_TEST_DATABASE_URL / ABL_TEST_REDIS_URL
+name servers to use instead.
+"""
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anthropic
+import httpx
+import pytest
+from sqlalchemy.orm import Session
+
+from db.session import get_sessionmaker
+from infra.stack import Stack
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    data_dir: Path = tmp_path_factory.mktemp("abl-stack")
+    env = {"ABL_JWT_SECRET": secrets.token_urlsafe(32), "ABL_REQUEST_TIMEOUT_S": "120"}
+    running = Stack(
+        data_dir,
+        workers=1,
+        database_url=os.environ.get("ABL_TEST_DATABASE_URL"),
+        redis_url=os.environ.get("ABL_TEST_REDIS_URL"),
+        env=env,
+    )
+    with running:  # starts it, and stops every child on the way out
+        yield running
+
+
+@pytest.fixture(scope="session")
+def admin(stack: Stack) -> Iterator[httpx.Client]:
+    headers = {"Authorization": f"Bearer {stack.admin_token}"}
+    with httpx.Client(base_url=stack.base_url, headers=headers, timeout=60) as client:
+        yield client
+
+
+@dataclass(frozen=True)
+class ApiAccount:
+    id: str
+    key: str
+
+
+AccountFactory = Callable[..., ApiAccount]
+
+
+@pytest.fixture(scope="session")
+def make_account(admin: httpx.Client) -> AccountFactory:
+    """A new account with `credits` and one API key."""
+
+    def make(credits: int = 10_000, name: str = "test", **key_fields: object) -> ApiAccount:
+        created = admin.post("/admin/accounts", json={"name": name, "credits": credits})
+        assert created.status_code == 201, created.text
+        account_id = created.json()["id"]
+        key = admin.post(f"/admin/accounts/{account_id}/keys", json=key_fields)
+        assert key.status_code == 201, key.text
+        return ApiAccount(account_id, key.json()["key"])
+
+    return make
+
+
+@pytest.fixture
+def account(make_account: AccountFactory) -> ApiAccount:
+    return make_account()
+
+
+@pytest.fixture
+def client(stack: Stack, account: ApiAccount) -> anthropic.Anthropic:
+    """The official SDK pointed at the stack; no retries so errors surface at once."""
+    return anthropic.Anthropic(base_url=stack.base_url, api_key=account.key, max_retries=0)
+
+
+@pytest.fixture
+def http(stack: Stack, account: ApiAccount) -> Iterator[httpx.Client]:
+    """Plain HTTP with the account's key as x-api-key."""
+    with httpx.Client(
+        base_url=stack.base_url, headers={"x-api-key": account.key}, timeout=120
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+def db(stack: Stack) -> Iterator[Session]:
+    assert stack.database_url is not None
+    with get_sessionmaker(stack.database_url)() as session:
+        yield session

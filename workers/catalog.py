@@ -1,0 +1,68 @@
+"""The model catalogue: which models exist, where their folders are, what they cost.
+
+Torch-free: the API reads it to validate requests and price them; workers read it to load models.
+"""
+
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+DEFAULT_MODEL_ID = "abliterated-model"
+
+
+class ModelSpec(BaseModel):
+    """One servable model."""
+
+    id: str
+    display_name: str
+    # Hugging Face causal-LM folder; relative paths are resolved against $ABL_DATA_DIR/models.
+    folder: str
+    context_window: int = Field(gt=0)
+    max_output_tokens: int = Field(gt=0)
+    # USD per million tokens.
+    input_price_per_mtok: Decimal = Field(ge=0)
+    output_price_per_mtok: Decimal = Field(ge=0)
+    # Celery queue whose workers serve this model.
+    queue: str
+    created_at: datetime = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def path(self, models_dir: Path) -> Path:
+        folder = Path(self.folder)
+        return folder if folder.is_absolute() else models_dir / folder
+
+
+DEFAULT_MODEL = ModelSpec(
+    id=DEFAULT_MODEL_ID,
+    display_name="Abliterated Model (built locally)",
+    folder=DEFAULT_MODEL_ID,
+    context_window=2048,
+    max_output_tokens=1024,
+    input_price_per_mtok=Decimal("5"),
+    output_price_per_mtok=Decimal("5"),
+    queue=DEFAULT_MODEL_ID,
+)
+
+
+class Catalog:
+    """Models by id, in listing order (newest first as Anthropic lists them)."""
+
+    def __init__(self, models: list[ModelSpec]) -> None:
+        self._models = {m.id: m for m in models}
+
+    def get(self, model_id: str) -> ModelSpec | None:
+        return self._models.get(model_id)
+
+    def all(self) -> list[ModelSpec]:
+        return sorted(self._models.values(), key=lambda m: (m.created_at, m.id), reverse=True)
+
+
+def load_catalog(models_file: Path | None = None) -> Catalog:
+    """The default model plus any in the JSON list at `models_file` (same fields as ModelSpec)."""
+    models = [DEFAULT_MODEL]
+    if models_file is not None:
+        extra = json.loads(Path(models_file).read_text())
+        models.extend(ModelSpec.model_validate(item) for item in extra)
+    return Catalog(models)

@@ -1,0 +1,489 @@
+"""The model engine: one model, continuous batching, streamed events per request.
+
+One stepping thread owns the model. Each step it drops cancelled sequences, prefills newly
+submitted ones (each alone, so a prompt's numbers never depend on its neighbours), then runs
+one batched forward for every active sequence. The batch shares one left-padded KV cache;
+sequences join and leave it between steps. No Celery or Redis here: callers submit token ids
+and read events from the returned `Generation`.
+"""
+
+import contextlib
+import inspect
+import logging
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from workers.prompting import PromptRenderer
+from workers.protocol import SamplingParams
+from workers.sampling import make_generator, sample_next
+from workers.textstream import IncrementalDecoder, StopMatcher
+
+log = logging.getLogger(__name__)
+
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence"]
+# Prompt tokens prefilled per step before the running batch gets its next decode step, so a
+# burst of long prompts cannot stall everyone else's tokens for long.
+PREFILL_TOKENS_PER_STEP = 4096
+
+
+@dataclass
+class TextChunk:
+    """New text (stop sequences removed) and the cumulative number of generated tokens."""
+
+    text: str
+    output_tokens: int
+
+
+@dataclass
+class Finished:
+    """The request ended; always its last event."""
+
+    stop_reason: StopReason | None
+    stop_sequence: str | None
+    output_tokens: int
+    cancelled: bool = False
+
+
+@dataclass
+class Failed:
+    """The request could not run; always its last event."""
+
+    message: str
+
+
+Event = TextChunk | Finished | Failed
+
+
+class Generation:
+    """Handle for one submitted request: its events, in order."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+
+    def _put(self, event: Event) -> None:
+        self._events.put(event)
+
+    def get(self, timeout: float | None = None) -> Event | None:
+        """The next event, waiting up to `timeout` seconds (None: forever); None on timeout."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def drain(self) -> list[Event]:
+        """Every event already queued, without waiting (lets the caller coalesce deltas)."""
+        out: list[Event] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                out.append(self._events.get_nowait())
+        return out
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Events until the terminal one; TimeoutError if one takes more than `timeout` s."""
+        while True:
+            event = self.get(timeout)
+            if event is None:
+                raise TimeoutError(f"no event for {self.request_id} in {timeout} s")
+            yield event
+            if isinstance(event, Finished | Failed):
+                return
+
+
+@dataclass
+class EngineStats:
+    active: int = 0  # sequences in the running batch
+    waiting: int = 0  # submitted, not yet prefilled
+    steps: int = 0  # batched decode steps run
+    tokens_generated: int = 0  # all output tokens, eos included
+    max_batch_seen: int = 0  # most sequences in one decode step
+    cancelled: int = 0
+    finished: int = 0  # ended normally (end_turn, max_tokens, stop_sequence)
+    failed: int = 0
+
+
+@dataclass
+class _Sequence:
+    generation: Generation
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    decoder: IncrementalDecoder
+    stopper: StopMatcher
+    output: list[int] = field(default_factory=list)
+    # Tokens whose keys/values are in the cache; the last sampled token is fed at the next step.
+    cached: int = 0
+
+
+class _Batch:
+    """The running sequences and their shared, left-padded KV cache."""
+
+    def __init__(self) -> None:
+        self.seqs: list[_Sequence] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [batch, length] 1 = real token, 0 = padding
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def join(self, seqs: list[_Sequence], caches: list[DynamicCache]) -> None:
+        """Adds prefilled sequences, left-padding everyone to a common length."""
+        length = max([self.length, *(s.cached for s in seqs)])
+        parts: list[tuple[list[_KV], torch.Tensor]] = []
+        if self.cache is not None and self.mask is not None:
+            parts.append((_layers(self.cache), self.mask))
+        for seq, cache in zip(seqs, caches, strict=True):
+            ones = torch.ones(1, seq.cached, dtype=torch.long, device=_layers(cache)[0][0].device)
+            parts.append((_layers(cache), ones))
+        padded = [_left_pad(layers, mask, length) for layers, mask in parts]
+        merged = [
+            (torch.cat([p[0][i][0] for p in padded]), torch.cat([p[0][i][1] for p in padded]))
+            for i in range(len(padded[0][0]))
+        ]
+        self.cache = _make_cache(merged)
+        self.mask = torch.cat([p[1] for p in padded])
+        self.seqs.extend(seqs)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keeps only `rows`, then drops leading columns that are padding in every row."""
+        if not rows or self.cache is None or self.mask is None:
+            self.seqs, self.cache, self.mask = [], None, None
+            return
+        self.seqs = [self.seqs[r] for r in rows]
+        trim = self.length - max(s.cached for s in self.seqs)
+        index = torch.tensor(rows, device=self.mask.device)
+        self.cache = _make_cache(
+            [
+                (k.index_select(0, index)[:, :, trim:], v.index_select(0, index)[:, :, trim:])
+                for k, v in _layers(self.cache)
+            ]
+        )
+        self.mask = self.mask.index_select(0, index)[:, trim:]
+
+
+_KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def _layers(cache: DynamicCache) -> list[_KV]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _make_cache(layers: list[_KV]) -> DynamicCache:
+    # Plain full-attention layers: their length is the tensors' length, which padding relies on.
+    cache = DynamicCache()
+    for i, (keys, values) in enumerate(layers):
+        cache.update(keys, values, i)
+    return cache
+
+
+def _left_pad(layers: list[_KV], mask: torch.Tensor, length: int) -> tuple[list[_KV], torch.Tensor]:
+    extra = length - mask.shape[1]
+    if extra == 0:
+        return layers, mask
+    # F.pad's last pair pads dim -2 for (.., seq, head_dim) tensors: (0, 0, extra, 0).
+    padded = [
+        (torch.nn.functional.pad(k, (0, 0, extra, 0)), torch.nn.functional.pad(v, (0, 0, extra, 0)))
+        for k, v in layers
+    ]
+    return padded, torch.nn.functional.pad(mask, (extra, 0))
+
+
+class Engine:
+    """One model, many concurrent requests, one stepping thread."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        max_batch: int = 16,
+        device: str | None = None,
+        max_context: int | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        self.model_path = Path(model_path)
+        self.max_batch = max_batch
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":
+            # torch defaults to every physical core; a container may be allowed fewer.
+            allowed = len(os.sched_getaffinity(0))
+            torch.set_num_threads(num_threads or min(torch.get_num_threads(), allowed))
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        self.model.to(self.device).eval()
+        self.renderer = PromptRenderer.from_folder(self.model_path)
+        config = self.model.config.get_text_config()
+        self.vocab_size: int = int(config.vocab_size)
+        self.max_context: int = max_context or int(
+            getattr(config, "max_position_embeddings", 0) or 2048
+        )
+        eos = set(self.renderer.eos_token_ids)
+        eos.update(_ids(getattr(self.model.generation_config, "eos_token_id", None)))
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+        params = inspect.signature(self.model.forward).parameters
+        # transformers 5 renamed past_key_values to cache; accept either spelling.
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._keeps_logits = "logits_to_keep" in params
+
+        self._cond = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()
+        self._cancel: set[str] = set()
+        self._live: dict[str, _Sequence] = {}  # waiting or active, by request id
+        self._batch = _Batch()
+        self._stats = EngineStats()
+        self._running = False
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def load(cls, model_path: Path, **kw: Any) -> "Engine":
+        """Loads the model and starts the stepping thread."""
+        engine = cls(model_path, **kw)
+        engine.start()
+        return engine
+
+    def start(self) -> None:
+        """Starts the stepping thread (idempotent)."""
+        with self._cond:
+            if self._running:
+                return
+            self._running = True
+        self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops stepping; requests still waiting or running get Failed."""
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for seq in list(self._live.values()):
+            self._fail(seq, "the engine stopped")
+        self._waiting.clear()
+        self._batch = _Batch()
+
+    def submit(self, request_id: str, input_ids: list[int], sampling: SamplingParams) -> Generation:
+        """Queues a request; its events arrive on the returned Generation."""
+        generation = Generation(request_id)
+        seq = _Sequence(
+            generation=generation,
+            prompt=list(input_ids),
+            params=sampling,
+            generator=make_generator(sampling, self.device),
+            decoder=IncrementalDecoder(self.renderer.decode),
+            stopper=StopMatcher(sampling.stop_sequences),
+        )
+        problem = self._check_prompt(seq.prompt)
+        if problem is not None:
+            generation._put(Failed(problem))
+            return generation
+        with self._cond:
+            if request_id in self._live:
+                raise ValueError(f"request {request_id} is already running")
+            self._live[request_id] = seq
+            self._waiting.append(seq)
+            self._cond.notify_all()
+        return generation
+
+    def cancel(self, request_id: str) -> bool:
+        """Drops the request at the next step; False if it is not waiting or running."""
+        with self._cond:
+            if request_id not in self._live:
+                return False
+            self._cancel.add(request_id)
+            self._cond.notify_all()
+            return True
+
+    @property
+    def stats(self) -> EngineStats:
+        with self._cond:
+            return EngineStats(
+                **{
+                    **self._stats.__dict__,
+                    "active": len(self._batch.seqs),
+                    "waiting": len(self._waiting),
+                }
+            )
+
+    def _check_prompt(self, ids: list[int]) -> str | None:
+        if not ids:
+            return "the prompt is empty"
+        if len(ids) >= self.max_context:
+            return f"the prompt has {len(ids)} tokens; the context window is {self.max_context}"
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            return f"the prompt has token ids outside the vocabulary (0..{self.vocab_size - 1})"
+        return None
+
+    # The stepping thread.
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while self._running and not (self._waiting or self._batch.seqs or self._cancel):
+                        self._cond.wait()
+                    if not self._running:
+                        return
+                    cancels, self._cancel = self._cancel, set()
+                    admitted = self._admit(cancels)
+                self._drop_cancelled(cancels)
+                self._prefill(admitted)
+                if self._batch.seqs:
+                    self._decode_step()
+
+    def _admit(self, cancels: set[str]) -> list[_Sequence]:
+        """Takes waiting requests into the batch while slots and the prefill budget last."""
+        kept = deque(s for s in self._waiting if s.generation.request_id not in cancels)
+        for seq in self._waiting:
+            if seq.generation.request_id in cancels:
+                self._finish(seq, None, None, cancelled=True)
+        self._waiting = kept
+        admitted: list[_Sequence] = []
+        budget = PREFILL_TOKENS_PER_STEP
+        while self._waiting and len(self._batch.seqs) + len(admitted) < self.max_batch:
+            if admitted and len(self._waiting[0].prompt) > budget:
+                break
+            seq = self._waiting.popleft()
+            budget -= len(seq.prompt)
+            admitted.append(seq)
+        return admitted
+
+    def _drop_cancelled(self, cancels: set[str]) -> None:
+        rows = [i for i, s in enumerate(self._batch.seqs) if s.generation.request_id in cancels]
+        if not rows:
+            return
+        for i in rows:
+            self._finish(self._batch.seqs[i], None, None, cancelled=True)
+        self._batch.keep([i for i in range(len(self._batch.seqs)) if i not in rows])
+
+    def _prefill(self, admitted: list[_Sequence]) -> None:
+        joined: list[_Sequence] = []
+        caches: list[DynamicCache] = []
+        for seq in admitted:
+            try:
+                cache = DynamicCache()
+                ids = torch.tensor([seq.prompt], device=self.device)
+                logits = self._forward(ids, None, None, cache)
+            except Exception as exc:  # a bad request must not take the engine down
+                log.exception("prefill failed for %s", seq.generation.request_id)
+                self._fail(seq, f"prefill failed: {exc}")
+                continue
+            seq.cached = len(seq.prompt)
+            token = sample_next(logits, [seq.params], [seq.generator])[0]
+            if not self._accept(seq, token):
+                joined.append(seq)
+                caches.append(cache)
+        if joined:
+            self._batch.join(joined, caches)
+
+    def _decode_step(self) -> None:
+        batch = self._batch
+        assert batch.mask is not None and batch.cache is not None
+        ids = torch.tensor([[s.output[-1]] for s in batch.seqs], device=self.device)
+        positions = torch.tensor([[s.cached] for s in batch.seqs], device=self.device)
+        mask = torch.nn.functional.pad(batch.mask, (0, 1), value=1)
+        try:
+            logits = self._forward(ids, mask, positions, batch.cache)
+        except Exception as exc:  # keep serving: fail this batch, not the process
+            log.exception("decode step failed")
+            for seq in batch.seqs:
+                self._fail(seq, f"decode failed: {exc}")
+            self._batch = _Batch()
+            return
+        batch.mask = mask
+        for seq in batch.seqs:
+            seq.cached += 1
+        with self._cond:
+            self._stats.steps += 1
+            self._stats.max_batch_seen = max(self._stats.max_batch_seen, len(batch.seqs))
+        tokens = sample_next(
+            logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs]
+        )
+        done = [self._accept(seq, token) for seq, token in zip(batch.seqs, tokens, strict=True)]
+        if any(done):
+            batch.keep([i for i, d in enumerate(done) if not d])
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        cache: DynamicCache,
+    ) -> torch.Tensor:
+        """Logits of the last position of each row, [batch, vocab], as float32."""
+        kwargs: dict[str, Any] = {self._cache_kwarg: cache, "use_cache": True}
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        return out.logits[:, -1, :].float()
+
+    def _accept(self, seq: _Sequence, token: int) -> bool:
+        """Records a sampled token and emits its text; True when the sequence has ended."""
+        seq.output.append(token)
+        count = len(seq.output)
+        with self._cond:
+            self._stats.tokens_generated += 1
+        if token in self.eos_token_ids:
+            return self._end(seq, "end_turn")
+        safe, matched = seq.stopper.feed(seq.decoder.push(token))
+        if safe:
+            seq.generation._put(TextChunk(safe, count))
+        if matched is not None:
+            self._finish(seq, "stop_sequence", matched)
+            return True
+        if count >= seq.params.max_tokens or len(seq.prompt) + count >= self.max_context:
+            return self._end(seq, "max_tokens")
+        return False
+
+    def _end(self, seq: _Sequence, reason: StopReason) -> bool:
+        """Emits the text held back for an unfinished character or a possible stop sequence."""
+        safe, matched = seq.stopper.feed(seq.decoder.flush())
+        if matched is None:
+            safe += seq.stopper.flush()
+        if safe:
+            seq.generation._put(TextChunk(safe, len(seq.output)))
+        if matched is not None:
+            self._finish(seq, "stop_sequence", matched)
+        else:
+            self._finish(seq, reason, None)
+        return True
+
+    def _finish(
+        self,
+        seq: _Sequence,
+        reason: StopReason | None,
+        stop: str | None,
+        *,
+        cancelled: bool = False,
+    ) -> None:
+        seq.generation._put(Finished(reason, stop, len(seq.output), cancelled))
+        with self._cond:
+            self._live.pop(seq.generation.request_id, None)
+            if cancelled:
+                self._stats.cancelled += 1
+            else:
+                self._stats.finished += 1
+
+    def _fail(self, seq: _Sequence, message: str) -> None:
+        seq.generation._put(Failed(message))
+        with self._cond:
+            self._live.pop(seq.generation.request_id, None)
+            self._stats.failed += 1
+
+
+def _ids(value: object) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [v for v in value if isinstance(v, int)]
+    return []

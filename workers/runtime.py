@@ -1,0 +1,228 @@
+"""Everything one worker process owns: its engines, Redis, and the per-request job loop.
+
+A Celery task thread calls `run(job)`: claim the request, hand it to the engine, publish
+ordered events while it decodes, settle the money, then publish the terminal event.
+"""
+
+import json
+import logging
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import redis
+
+from db.ledger import Outcome, claim_request, settle_request
+from db.pricing import cost_usd, credits_for
+from db.session import transaction
+from workers.catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, load_catalog
+from workers.engine import Engine, Failed, Finished, Generation, TextChunk
+from workers.protocol import (
+    CANCEL_CHANNEL,
+    DeltaEvent,
+    DoneEvent,
+    ErrorEvent,
+    GenerateJob,
+    cancel_key,
+    events_channel,
+)
+from workers.settings import WorkerSettings
+
+log = logging.getLogger("abl.worker")
+
+HEARTBEAT_PREFIX = "abl:worker:"
+
+
+def heartbeat_key(worker_name: str) -> str:
+    return HEARTBEAT_PREFIX + worker_name
+
+
+class Publisher:
+    """Sequence-numbered events for one request."""
+
+    def __init__(self, client: redis.Redis, request_id: str) -> None:
+        self._client = client
+        self._channel = events_channel(request_id)
+        self.seq = 0
+
+    def delta(self, text: str, output_tokens: int) -> None:
+        self._send(DeltaEvent(seq=self.seq, text=text, output_tokens=output_tokens))
+
+    def done(self, event_fields: dict[str, object]) -> None:
+        self._send(DoneEvent(seq=self.seq, **event_fields))  # type: ignore[arg-type]
+
+    def error(self, error_type: str, message: str) -> None:
+        self._send(ErrorEvent(seq=self.seq, error_type=error_type, message=message))
+
+    def _send(self, event: DeltaEvent | DoneEvent | ErrorEvent) -> None:
+        self._client.publish(self._channel, event.model_dump_json())
+        self.seq += 1
+
+
+class WorkerRuntime:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.catalog: Catalog = load_catalog(settings.models_file)
+        self.redis = redis.Redis.from_url(settings.require_redis_url())
+        self.database_url = settings.require_database_url()
+        self.credit_price = Decimal(settings.credit_price_usd)
+        self.engines: dict[str, Engine] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        for model_id in self.settings.models:
+            spec = self._spec(model_id)
+            path = spec.path(self.settings.models_dir)
+            if spec.id == DEFAULT_MODEL_ID and not (path / "config.json").exists():
+                from workers.model_build import build_default_model
+
+                build_default_model(path)
+            engine = Engine.load(path, max_batch=self.settings.max_batch)
+            engine.start()
+            self.engines[model_id] = engine
+            log.info("model %s loaded from %s", model_id, path)
+        for target in (self._heartbeat_loop, self._cancel_loop):
+            thread = threading.Thread(target=target, daemon=True, name=target.__name__)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.redis.delete(heartbeat_key(self.settings.worker_name))
+        for engine in self.engines.values():
+            engine.stop()
+
+    def _spec(self, model_id: str) -> ModelSpec:
+        spec = self.catalog.get(model_id)
+        if spec is None:
+            raise RuntimeError(f"model {model_id!r} is not in the catalogue")
+        return spec
+
+    def _heartbeat_loop(self) -> None:
+        key = heartbeat_key(self.settings.worker_name)
+        ttl = max(1, int(self.settings.heartbeat_s * 3))
+        while not self._stop.is_set():
+            payload = {
+                "name": self.settings.worker_name,
+                "models": list(self.engines),
+                "active": sum(e.stats.active for e in self.engines.values()),
+                "at": time.time(),
+            }
+            try:
+                self.redis.set(key, json.dumps(payload), ex=ttl)
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            self._stop.wait(self.settings.heartbeat_s)
+
+    def _cancel_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CANCEL_CHANNEL)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message["type"] == "message":
+                        request_id = message["data"].decode()
+                        for engine in self.engines.values():
+                            engine.cancel(request_id)
+            except redis.RedisError as exc:
+                log.warning("cancel listener reconnecting: %s", exc)
+                self._stop.wait(1.0)
+
+    # -- one request -----------------------------------------------------------------------
+    def run(self, job: GenerateJob) -> None:
+        with transaction(self.database_url) as session:
+            claimed = claim_request(session, job.request_id, self.settings.worker_name)
+        if not claimed:
+            log.info("request %s already claimed or settled; skipping", job.request_id)
+            return
+        publisher = Publisher(self.redis, job.request_id)
+        spec = self._spec(job.model)
+        if self.redis.exists(cancel_key(job.request_id)):
+            self._settle(job, spec, publisher, Finished(None, None, 0, cancelled=True))
+            return
+        try:
+            generation = self.engines[job.model].submit(job.request_id, job.input_ids, job.sampling)
+            final = self._relay(generation, publisher)
+        except Exception as exc:  # the engine failed: the request fails, nothing is charged
+            log.exception("generation failed for %s", job.request_id)
+            final = Failed(message=f"generation failed: {type(exc).__name__}")
+        self._settle(job, spec, publisher, final)
+
+    def _relay(self, generation: Generation, publisher: Publisher) -> Finished | Failed:
+        """Publish text as it comes, coalescing whatever queued up meanwhile."""
+        while True:
+            first = generation.get(timeout=None)
+            batch = [first, *generation.drain()]
+            text, tokens = "", 0
+            for event in batch:
+                if isinstance(event, TextChunk):
+                    text += event.text
+                    tokens = event.output_tokens
+                    continue
+                if text:
+                    publisher.delta(text, tokens)
+                return event  # type: ignore[return-value]
+            if text:
+                publisher.delta(text, tokens)
+
+    def _settle(
+        self, job: GenerateJob, spec: ModelSpec, publisher: Publisher, final: Finished | Failed
+    ) -> None:
+        input_tokens = len(job.input_ids)
+        if isinstance(final, Failed):
+            outcome = Outcome("failed", 0, Decimal(0), 0, error=final.message)
+        else:
+            cost = cost_usd(
+                input_tokens,
+                final.output_tokens,
+                spec.input_price_per_mtok,
+                spec.output_price_per_mtok,
+            )
+            outcome = Outcome(
+                "cancelled" if final.cancelled else "succeeded",
+                final.output_tokens,
+                cost,
+                credits_for(cost, self.credit_price),
+                stop_reason=None if final.cancelled else final.stop_reason,
+                stop_sequence=final.stop_sequence,
+            )
+        with transaction(self.database_url) as session:
+            settlement = settle_request(session, job.request_id, outcome)
+        if settlement.status == "failed":
+            publisher.error("api_error", outcome.error or "generation failed")
+            return
+        publisher.done(
+            {
+                "status": settlement.status,
+                "stop_reason": outcome.stop_reason,
+                "stop_sequence": outcome.stop_sequence,
+                "input_tokens": input_tokens,
+                "output_tokens": outcome.output_tokens,
+                "credits_charged": settlement.credits_charged,
+                "remaining_credits": settlement.remaining_credits,
+                "cost_usd": str(settlement.cost_usd),
+            }
+        )
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def init_runtime(settings: WorkerSettings) -> WorkerRuntime:
+    global _runtime
+    _runtime = WorkerRuntime(settings)
+    _runtime.start()
+    return _runtime
+
+
+def get_runtime() -> WorkerRuntime:
+    if _runtime is None:
+        raise RuntimeError("worker runtime not started (run the worker with python -m workers)")
+    return _runtime
+
+
+__all__ = ["Path", "WorkerRuntime", "get_runtime", "heartbeat_key", "init_runtime"]

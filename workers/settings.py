@@ -1,0 +1,25 @@
+"""Settings of a worker process."""
+
+import os
+import socket
+
+from pydantic import Field
+
+from db.settings import CoreSettings
+from workers.catalog import DEFAULT_MODEL_ID
+
+
+class WorkerSettings(CoreSettings):
+    # Comma-separated catalogue ids this worker serves (one engine each).
+    worker_models: str = DEFAULT_MODEL_ID
+    worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # Sequences decoded together; also the Celery thread-pool size.
+    max_batch: int = Field(default=16, ge=1)
+    # Seconds between liveness heartbeats in Redis (their TTL is three times this).
+    heartbeat_s: float = Field(default=2.0, gt=0)
+    # Broker visibility timeout: longer than the longest generation allowed.
+    visibility_timeout_s: int = 3600
+
+    @property
+    def models(self) -> list[str]:
+        return [m.strip() for m in self.worker_models.split(",") if m.strip()]

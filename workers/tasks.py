@@ -1,0 +1,11 @@
+"""Celery tasks: thin, they hand the job to this process's runtime."""
+
+from celery import shared_task
+
+from workers.protocol import TASK_GENERATE, GenerateJob
+from workers.runtime import get_runtime
+
+
+@shared_task(name=TASK_GENERATE, ignore_result=True)
+def generate(job: dict[str, object]) -> None:
+    get_runtime().run(GenerateJob.model_validate(job))
