@@ -1,14 +1,18 @@
 """Who is calling: an API key (x-api-key or Bearer ak_...) or a JWT (Bearer), checked per request.
 
-Every request reads the key from Postgres, so a revoked key stops working on the next request.
+Every request reads the key from Postgres (no cache), so a revoked or expired key stops working on
+the next request. JWTs name an account (`sub`), which is read on every request too, so disabling
+an account refuses its tokens at once (403).
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
+from api.admin.jwt_tokens import verify_account_token
 from api.errors import AuthenticationError, PermissionDeniedError
 from db.accounts import KEY_PREFIX, find_key, touch_key
 from db.models import Account
@@ -20,7 +24,16 @@ class Principal:
     account_id: str
     api_key_id: str | None  # None when authenticated by JWT
     key_prefix: str | None
+    # The account's default limits with the key's overrides on top; unset ones use settings.
     rate_limits: dict[str, int] | None
+
+
+def merged_limits(
+    account: Mapping[str, Any] | None, key: Mapping[str, Any] | None
+) -> dict[str, int] | None:
+    """Account-level defaults, overridden field by field by the key's own limits."""
+    merged = {**(account or {}), **(key or {})}
+    return {k: v for k, v in merged.items() if isinstance(v, int)} or None
 
 
 def credential_of(request: Request) -> str:
@@ -45,7 +58,8 @@ def _lookup(database_url: str, credential: str) -> Principal:
         key, account = found
         _check_enabled(account)
         touch_key(session, key.id)
-        return Principal(account.id, key.id, key.prefix, key.rate_limits or account.rate_limits)
+        limits = merged_limits(account.rate_limits, key.rate_limits)
+        return Principal(account.id, key.id, key.prefix, limits)
 
 
 def _lookup_account(database_url: str, account_id: str) -> Principal:
@@ -54,7 +68,7 @@ def _lookup_account(database_url: str, account_id: str) -> Principal:
         if account is None:
             raise AuthenticationError("invalid token: unknown account")
         _check_enabled(account)
-        return Principal(account.id, None, None, account.rate_limits)
+        return Principal(account.id, None, None, merged_limits(account.rate_limits, None))
 
 
 def _check_enabled(account: Account) -> None:
@@ -68,8 +82,6 @@ async def authenticate(request: Request) -> Principal:
     if credential.startswith(KEY_PREFIX) or credential.count(".") != 2:
         principal = await run_in_threadpool(_lookup, platform.database_url, credential)
     else:
-        from api.admin.jwt_tokens import verify_account_token
-
         account_id = verify_account_token(platform.settings, credential)
         principal = await run_in_threadpool(_lookup_account, platform.database_url, account_id)
     request.state.principal = principal

@@ -13,6 +13,9 @@ from typing import Any, ClassVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
 from api.ids import new_request_id
@@ -235,6 +238,19 @@ async def _handle_http_exception(request: Request, exc: Exception) -> JSONRespon
     return error_response(request, status, error_type, message, exc.headers)
 
 
+async def _handle_dependency_down(request: Request, exc: Exception) -> JSONResponse:
+    """Postgres or Redis unreachable: a typed, retryable error instead of a traceback."""
+    which = "database" if isinstance(exc, DBAPIError) else "queue"
+    logger.warning("%s unavailable on %s: %s", which, request.url.path, exc)
+    return error_response(
+        request,
+        ApiInternalError.status,
+        ApiInternalError.error_type,
+        f"the {which} is unavailable; retry shortly",
+        {"retry-after": "2"},
+    )
+
+
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(
@@ -247,5 +263,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _handle_api_error)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(HTTPException, _handle_http_exception)
+    for outage in (DBAPIError, RedisConnectionError, RedisTimeoutError):
+        app.add_exception_handler(outage, _handle_dependency_down)
     # Starlette runs this in ServerErrorMiddleware (outermost), then re-raises for the server log.
     app.add_exception_handler(Exception, _handle_unexpected)

@@ -6,8 +6,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import health
+from api import account, health
 from api.admin import routes as admin_routes
+from api.admin import usage as admin_usage
 from api.anthropic import routes as anthropic_routes
 from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, RequestIdMiddleware
@@ -24,6 +25,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         platform = Platform.create(settings)
         app.state.platform = platform
         app.state.settings = settings
+        platform.watch_for_shutdown()
         try:
             yield
         finally:
@@ -33,7 +35,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(anthropic_routes.router)
+    app.include_router(account.router)
     app.include_router(admin_routes.router)
+    app.include_router(admin_usage.router)
     app.include_router(health.router)
     # Outermost last: the request id exists before the body limit can refuse a request.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -2,14 +2,19 @@
 
 import asyncio
 import logging
+import signal
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
 from celery import Celery
 
+from api.errors import OverloadedError
 from api.settings import ApiSettings
 from db.ledger import Outcome, settle_request
 from db.session import transaction
@@ -28,6 +33,8 @@ class Platform:
     celery: Celery
     database_url: str
     credit_price: Decimal
+    # Set on SIGTERM: open streams end with an error event instead of hanging on.
+    shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
@@ -37,12 +44,21 @@ class Platform:
         celery.conf.update(
             task_serializer="json",
             broker_connection_retry_on_startup=True,
+            broker_connection_timeout=2,
             broker_transport_options={"visibility_timeout": 3600},
+            # Fail fast when Redis is gone: the client gets a 529 instead of a long hang.
+            task_publish_retry_policy={
+                "max_retries": 1,
+                "interval_start": 0.2,
+                "interval_step": 0.5,
+            },
         )
         return cls(
             settings=settings,
             catalog=load_catalog(settings.models_file),
-            redis=aioredis.Redis.from_url(redis_url, max_connections=2000),
+            redis=aioredis.Redis.from_url(
+                redis_url, max_connections=2000, socket_connect_timeout=2, health_check_interval=15
+            ),
             celery=celery,
             database_url=settings.require_database_url(),
             credit_price=Decimal(settings.credit_price_usd),
@@ -63,7 +79,27 @@ class Platform:
     def renderer(self, spec: ModelSpec) -> PromptRenderer:
         return get_renderer(Path(spec.path(self.settings.models_dir)))
 
+    def watch_for_shutdown(self) -> None:
+        """Chain onto the server's SIGTERM/SIGINT handlers (installed before startup)."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+
+            def handler(sig: int, frame: FrameType | None, previous: Any = previous) -> None:
+                loop.call_soon_threadsafe(self.shutting_down.set)
+                if callable(previous):
+                    previous(sig, frame)
+
+            signal.signal(signum, handler)
+
     async def enqueue(self, spec: ModelSpec, job: GenerateJob) -> None:
+        """Queue the job on its model's queue, or 529 at once when that queue is full."""
+        backlog = await self.redis.llen(spec.queue)
+        if backlog >= self.settings.max_queued_per_model:
+            raise OverloadedError(
+                f"{backlog} requests are already waiting for {spec.id}; retry shortly",
+                retry_after=2,
+            )
         payload = job.model_dump(mode="json")
         await anyio.to_thread.run_sync(
             lambda: self.celery.send_task(
@@ -98,6 +134,10 @@ class Platform:
 
     def cancel_soon(self, request_id: str) -> None:
         """Cancel from a place that is itself being cancelled (a client that went away)."""
-        task = asyncio.get_running_loop().create_task(self._cancel_logged(request_id))
+        self.spawn(self._cancel_logged(request_id))
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` to completion even if the caller is being cancelled; close() awaits it."""
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)

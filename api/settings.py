@@ -1,5 +1,7 @@
 """Settings of the API process."""
 
+from pathlib import Path
+
 from pydantic import Field, SecretStr
 
 from db.settings import CoreSettings
@@ -11,10 +13,32 @@ class ApiSettings(CoreSettings):
     admin_token: SecretStr | None = None
     # HS256 secret for JWTs minted by /admin/accounts/{id}/tokens and accepted as Bearer.
     jwt_secret: SecretStr | None = None
+    # RS256 JWTs from an identity provider: its PEM public key, or a JWKS file (keys by `kid`).
+    jwt_public_key_file: Path | None = None
+    jwks_file: Path | None = None
+    # Checked (and required in the token) when set; "" turns the issuer check off.
     jwt_issuer: str = "abl"
+    jwt_audience: str | None = None
+    # Rate limits of keys whose key and account configure none (per minute, and in flight):
+    # generous, so that only runaway clients meet them. ABL_DEFAULT_REQUESTS_PER_MINUTE, ...
+    default_requests_per_minute: int = Field(default=6_000, gt=0)
+    default_input_tokens_per_minute: int = Field(default=4_000_000, gt=0)
+    default_output_tokens_per_minute: int = Field(default=1_000_000, gt=0)
+    default_concurrent_requests: int = Field(default=512, gt=0)
+    # Seconds of its per-minute rate a full bucket holds: 60 lets a whole minute's limit arrive
+    # at once (Anthropic's token bucket); 1 enforces 60 requests/min as one per second.
+    rate_limit_burst_s: float = Field(default=60.0, gt=0, le=60)
+    # Longest the rate-limit script may take before the request is refused with a 529.
+    rate_limit_timeout_s: float = Field(default=2.0, gt=0)
     # Longest a request may take end to end before it is cancelled.
     request_timeout_s: float = Field(default=600.0, gt=0)
     # Seconds between SSE pings while no token arrives.
     ping_interval_s: float = Field(default=5.0, gt=0)
+    # How long a request waits for a worker to pick it up before a 529.
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    # Jobs waiting in a model's queue beyond which new requests get a 529 at once.
+    max_queued_per_model: int = Field(default=256, ge=1)
+    # While no event arrives, how often to check the request's worker is alive.
+    liveness_check_s: float = Field(default=1.0, gt=0)
     # Anthropic's limit for Messages and Token Counting.
     max_body_bytes: int = 32 * 1024 * 1024

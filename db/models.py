@@ -35,6 +35,17 @@ TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 BALANCE_KINDS = ("grant", "charge", "refund", "adjustment")
 RESERVATION_KINDS = ("reserve", "release")
 LEDGER_KINDS = BALANCE_KINDS + RESERVATION_KINDS
+# Columns the usage reports read, carried in the created_at index so they never visit the table.
+USAGE_INCLUDE = (
+    "account_id",
+    "api_key_id",
+    "model",
+    "status",
+    "input_tokens",
+    "output_tokens",
+    "credits_charged",
+    "cost_usd",
+)
 
 
 class Base(DeclarativeBase):
@@ -91,6 +102,13 @@ class Request(Base):
             "status",
             "created_at",
             postgresql_where="status IN ('queued','running')",
+        ),
+        # Usage reports over a time range read only this index (index-only scan): see
+        # docs/billing.md. Revision 0002 also adds the statistics object st_request_usage.
+        Index(
+            "ix_request_created_at_usage",
+            "created_at",
+            postgresql_include=list(USAGE_INCLUDE),
         ),
     )
 

@@ -19,6 +19,8 @@ class CoreSettings(BaseSettings):
     # Extra model catalogue (JSON file); the default model is always present.
     models_file: Path | None = None
     default_max_tokens: int = Field(default=1024, ge=1)
+    # A worker renews a lease on each request it runs; a lease left to expire means it died.
+    worker_lease_s: float = Field(default=10.0, gt=0)
 
     @property
     def models_dir(self) -> Path:

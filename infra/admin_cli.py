@@ -35,6 +35,14 @@ LEDGER_COLUMNS = (
     "created_by",
 )
 LEDGER_HEADERS = ("id", "time", "kind", "amount", "balance", "reserved", "request", "reason", "by")
+DISCREPANCY_COLUMNS = (
+    "account_id",
+    "balance",
+    "ledger_balance",
+    "reserved",
+    "ledger_reserved",
+    "open_reservations",
+)
 # Largest page the API serves (api.admin.schemas.MAX_PAGE_SIZE); not imported: the CLI
 # talks HTTP and must not need the API's dependencies.
 _MAX_PAGE = 1000
@@ -52,7 +60,11 @@ class AdminClientSettings(CoreSettings):
     admin_token: SecretStr | None = None
 
     def base_url(self) -> str:
-        return (self.url or f"http://{self.host}:{self.port}").rstrip("/")
+        if self.url:
+            return self.url.rstrip("/")
+        # A server bound to every interface is reached on loopback.
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
 
     def token(self) -> str | None:
         if self.admin_token is not None and self.admin_token.get_secret_value():
@@ -98,7 +110,8 @@ class AdminClient:
             return data
         error = data.get("error") if isinstance(data, dict) else None
         if isinstance(error, dict):
-            raise AdminApiError(response.status_code, error.get("type"), error.get("message"))
+            error_type, message = error.get("type"), error.get("message")
+            raise AdminApiError(response.status_code, str(error_type), str(message))
         raise AdminApiError(response.status_code, "http_error", response.text[:500])
 
     def ledger(self, account_id: str, limit: int | None) -> Iterator[Json]:
@@ -319,10 +332,9 @@ def _request(client: AdminClient, args: argparse.Namespace, console: Console) ->
 
 def _reconcile(client: AdminClient, args: argparse.Namespace, console: Console) -> int:
     result = client.call("GET", "/admin/reconcile")
-    columns = ("account_id", "balance", "ledger_balance", "reserved", "ledger_reserved")
-    table = _table(*columns, "open_reservations", title="discrepancies")
+    table = _table(*DISCREPANCY_COLUMNS, title="discrepancies")
     for d in result["discrepancies"]:
-        table.add_row(*(_cell(d[c]) for c in (*columns, "open_reservations")))
+        table.add_row(*(_cell(d[c]) for c in DISCREPANCY_COLUMNS))
     if args.json:
         _emit(console, args, result, table)
     elif result["ok"]:
@@ -352,6 +364,9 @@ def _execute(handler: Handler, args: argparse.Namespace) -> int:
         return 1
     except httpx.HTTPError as exc:
         err.print(f"cannot reach {settings.base_url()}: {exc}", markup=False, soft_wrap=True)
+        return 1
+    except OSError as exc:  # --csv FILE not writable
+        err.print(f"error: {exc}", markup=False, soft_wrap=True)
         return 1
     finally:
         client.close()

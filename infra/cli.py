@@ -6,6 +6,7 @@ Subcommands set `func` (taking the parsed arguments, returning an exit status) o
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import signal
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr
@@ -77,12 +79,13 @@ def curl_example(base_url: str, api_key: str) -> str:
 
 @contextlib.contextmanager
 def signals_as_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP behave like Ctrl-C while inside, so `finally` blocks stop the children."""
+    """SIGINT (even if inherited as ignored), SIGTERM and SIGHUP raise KeyboardInterrupt inside."""
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, interrupt) for sig in sigs}
     try:
         yield
     finally:
@@ -107,21 +110,20 @@ def print_summary(stack: Stack, admin_token: str, generated: bool) -> None:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     table.add_row("API", stack.base_url)
-    note = " (generated, kept in the data dir)" if generated else ""
-    table.add_row("Admin token", admin_token + note)
+    table.add_row("Workers", str(len(stack.workers)))
     table.add_row("Database", hide_password(stack.database_url or ""))
     table.add_row("Redis", hide_password(stack.redis_url or ""))
-    table.add_row("Workers", str(len(stack.workers)))
     table.add_row("Data", str(stack.data_dir))
     table.add_row("Logs", str(stack.log_dir))
-    timings = ", ".join(f"{k} {v:.2f}s" for k, v in stack.timings.items())
-    table.add_row("Started in", timings)
+    table.add_row("Started in", ", ".join(f"{k} {v:.2f}s" for k, v in stack.timings.items()))
     console.print(table)
+    # Plain prints from here: no wrapping or markup, so each line pastes as it is.
+    note = f"  (generated, kept in {stack.data_dir / ADMIN_TOKEN_FILE})" if generated else ""
+    print(f"Admin token: {admin_token}{note}")
     if stack.demo_api_key:
-        console.print("Try it (demo account, key kept in the data dir):", style="bold")
-        # Plain print: no wrapping or markup, so it pastes as one command.
-        print(curl_example(stack.base_url, stack.demo_api_key), flush=True)
-    console.print("Ctrl-C stops everything.")
+        print("Try it with the demo account's key:")
+        print(curl_example(stack.base_url, stack.demo_api_key))
+    print("Ctrl-C stops everything.", flush=True)
 
 
 def supervise(stack: Stack) -> int:
@@ -196,7 +198,7 @@ def cmd_build_model(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="abl", description=__doc__)
+    parser = argparse.ArgumentParser(prog="abl", description="Run and administer the platform.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     subparsers = parser.add_subparsers(dest="command", required=True)
     up = subparsers.add_parser("up", help="run the whole platform locally (env: ABL_*)")
@@ -213,14 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _admin_hook() -> Callable[[argparse._SubParsersAction], None] | None:  # type: ignore[type-arg]
+def _admin_hook() -> Callable[[Any], None] | None:
+    """`register_admin` from infra.admin_cli, when that module exists."""
     try:
-        from infra.admin_cli import register_admin  # type: ignore[import-not-found,unused-ignore]
+        module = importlib.import_module("infra.admin_cli")
     except ModuleNotFoundError as exc:
         if exc.name != "infra.admin_cli":
             raise
         return None
-    return register_admin  # type: ignore[no-any-return,unused-ignore]
+    register: Callable[[Any], None] = module.register_admin
+    return register
 
 
 def main(argv: list[str] | None = None) -> int:

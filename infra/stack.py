@@ -98,6 +98,14 @@ def stop_children(children: list[ChildProcess], timeout: float) -> None:
             child.wait(10)
 
 
+def _workers_counted(response: httpx.Response) -> int:
+    """Workers the `/readyz` answer counts (`checks.workers.count`); a 200 without it counts all."""
+    try:
+        return int(response.json()["checks"]["workers"]["count"])
+    except (ValueError, KeyError, TypeError):
+        return sys.maxsize
+
+
 class Stack:
     """Embedded (or given) Postgres and Redis, migrations, one API process and N workers."""
 
@@ -133,8 +141,13 @@ class Stack:
         self.timings: dict[str, float] = {}
         self.api: ChildProcess | None = None
         self.workers: list[ChildProcess] = []
-        self._postgres: EmbeddedPostgres | None = None
-        self._redis: EmbeddedRedis | None = None
+        # Embedded services run where no URL was given (again on a restart after stop()).
+        self._postgres = EmbeddedPostgres(self.data_dir, log_dir=self.log_dir)
+        self._redis = EmbeddedRedis(self.data_dir, log_dir=self.log_dir)
+        self._embedded_db = database_url is None
+        self._embedded_redis = redis_url is None
+        self._build: ChildProcess | None = None
+        self._build_started = 0.0
 
     @property
     def base_url(self) -> str:
@@ -142,6 +155,16 @@ class Stack:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         host = "[::1]" if host == "::" else host
         return f"http://{host}:{self.port}"
+
+    @property
+    def postgres_service(self) -> EmbeddedPostgres | None:
+        """The embedded Postgres this stack started (None when given a URL); for fault tests."""
+        return self._postgres
+
+    @property
+    def redis_service(self) -> EmbeddedRedis | None:
+        """The embedded Redis this stack started (None when given a URL); for fault tests."""
+        return self._redis
 
     @property
     def model_dir(self) -> Path:
@@ -153,18 +176,17 @@ class Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            build = self._start_model_build()
+            self._start_model_build()
             self._start_services()
             self._timed("migrate", self._migrate)
-            if build is not None:
-                self._timed("model_build", lambda: self._finish_model_build(build))
+            self._finish_model_build()
             if self.port == 0:
                 self.port = free_port(self.host if self.host not in ("", "::") else "127.0.0.1")
             self.api = self._child(API_NAME, self._api_argv(), {})
             self.api.start()
             for i in range(self.worker_count):
                 self.start_worker(i)
-            self._timed("ready", self.wait_ready)
+            self._timed("ready", lambda: self.wait_ready(min_workers=self.worker_count))
         except BaseException:
             self.stop()
             raise
@@ -173,32 +195,31 @@ class Stack:
 
     def stop(self) -> None:
         """Stop the API and workers (SIGTERM, wait, SIGKILL), then the embedded services."""
-        children = [c for c in [self.api, *self.workers] if c is not None]
+        children = [c for c in [self._build, self.api, *self.workers] if c is not None]
         stop_children(children, self.stop_timeout)
-        if self._redis is not None:
-            self._redis.stop()
-        if self._postgres is not None:
-            self._postgres.stop()
+        self._redis.stop()
+        self._postgres.stop()
 
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """Poll `/readyz` until 200; fail early when the API or every worker has exited."""
+    def wait_ready(self, timeout: float | None = None, min_workers: int = 1) -> None:
+        """Poll `/readyz` until 200 with at least `min_workers` workers counted in its answer.
+
+        Fails early when the API or every worker has exited.
+        """
         timeout = timeout if timeout is not None else self.ready_timeout
         deadline = time.monotonic() + timeout
         last = "no answer yet"
-        with httpx.Client(timeout=2.0) as client:
+        with httpx.Client(timeout=2.0, trust_env=False) as client:
             while True:
                 self._check_children_alive()
                 try:
                     response = client.get(f"{self.base_url}/readyz")
-                    if response.status_code == 200:
-                        return
                     last = f"{response.status_code} {response.text[:500]}"
+                    if response.status_code == 200 and _workers_counted(response) >= min_workers:
+                        return
                 except httpx.HTTPError as exc:
                     last = repr(exc)
                 if time.monotonic() > deadline:
-                    raise StackError(
-                        f"/readyz not 200 after {timeout:.0f}s ({last})" + self._tails()
-                    )
+                    raise StackError(f"not ready after {timeout:.0f}s ({last})" + self._tails())
                 time.sleep(0.2)
 
     def start_worker(self, i: int) -> ChildProcess:
@@ -255,12 +276,10 @@ class Stack:
         self.timings[phase] = time.monotonic() - t0
 
     def _start_services(self) -> None:
-        if self.database_url is None:
-            self._postgres = EmbeddedPostgres(self.data_dir, log_dir=self.log_dir)
+        if self._embedded_db:
             self.database_url = self._postgres.start()
             self.timings["postgres"] = self._postgres.start_seconds or 0.0
-        if self.redis_url is None:
-            self._redis = EmbeddedRedis(self.data_dir, log_dir=self.log_dir)
+        if self._embedded_redis:
             self.redis_url = self._redis.start()
             self.timings["redis"] = self._redis.start_seconds or 0.0
 
@@ -272,23 +291,26 @@ class Stack:
         upgrade(self.database_url)
         self.demo_api_key = ensure_demo_account(self.database_url, self.data_dir)
 
-    def _start_model_build(self) -> ChildProcess | None:
+    def _start_model_build(self) -> None:
         """Build the default model in the background (torch lives in that subprocess only)."""
         from workers.model_build import is_built
 
         if is_built(self.model_dir):
-            return None
+            return
         env = {**os.environ, "ABL_DATA_DIR": str(self.data_dir), **self.extra_env}
         argv = [sys.executable, "-m", "workers.model_build", str(self.model_dir)]
-        build = ChildProcess("model_build", argv, env, self.log_dir / "model_build.log")
-        build.start()
-        return build
+        self._build = ChildProcess("model_build", argv, env, self.log_dir / "model_build.log")
+        self._build.start()
+        self._build_started = time.monotonic()
 
-    def _finish_model_build(self, build: ChildProcess) -> None:
-        code = build.wait(600)
+    def _finish_model_build(self) -> None:
+        if self._build is None:
+            return
+        code = self._build.wait(600)
         if code != 0:
-            stop_children([build], 5)
-            raise StackError(f"building the default model failed ({code})\n{build.tail()}")
+            raise StackError(f"building the default model failed ({code})\n{self._build.tail()}")
+        self._build = None
+        self.timings["model_build"] = time.monotonic() - self._build_started
 
     def _api_argv(self) -> list[str]:
         return [

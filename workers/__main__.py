@@ -3,6 +3,8 @@
 import logging
 import sys
 
+from celery.signals import worker_shutting_down
+
 from workers.celery_app import app
 from workers.runtime import init_runtime
 from workers.settings import WorkerSettings
@@ -12,6 +14,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = WorkerSettings()
     runtime = init_runtime(settings)
+
+    @worker_shutting_down.connect(weak=False)
+    def _on_shutdown(**_: object) -> None:
+        # Celery stops taking jobs and waits for running ones; bound that wait.
+        runtime.begin_shutdown(settings.shutdown_grace_s)
+
     queues = ",".join(runtime.catalog.get(m).queue for m in settings.models)  # type: ignore[union-attr]
     try:
         app.worker_main(

@@ -15,13 +15,14 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from workers.kv_batch import BatchCache
 from workers.prompting import PromptRenderer
 from workers.protocol import SamplingParams
 from workers.sampling import make_generator, sample_next
@@ -68,6 +69,8 @@ class Generation:
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
+        # Generated ids, eos included; complete once the terminal event has been read.
+        self.token_ids: list[int] = []
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
 
     def _put(self, event: Event) -> None:
@@ -119,83 +122,23 @@ class _Sequence:
     generator: torch.Generator | None
     decoder: IncrementalDecoder
     stopper: StopMatcher
-    output: list[int] = field(default_factory=list)
-    # Tokens whose keys/values are in the cache; the last sampled token is fed at the next step.
-    cached: int = 0
+    output: list[int]  # the Generation's token_ids list, shared
 
 
 class _Batch:
-    """The running sequences and their shared, left-padded KV cache."""
+    """The running sequences, row for row with their shared KV cache."""
 
     def __init__(self) -> None:
         self.seqs: list[_Sequence] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # [batch, length] 1 = real token, 0 = padding
-
-    @property
-    def length(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
+        self.kv = BatchCache()
 
     def join(self, seqs: list[_Sequence], caches: list[DynamicCache]) -> None:
-        """Adds prefilled sequences, left-padding everyone to a common length."""
-        length = max([self.length, *(s.cached for s in seqs)])
-        parts: list[tuple[list[_KV], torch.Tensor]] = []
-        if self.cache is not None and self.mask is not None:
-            parts.append((_layers(self.cache), self.mask))
-        for seq, cache in zip(seqs, caches, strict=True):
-            ones = torch.ones(1, seq.cached, dtype=torch.long, device=_layers(cache)[0][0].device)
-            parts.append((_layers(cache), ones))
-        padded = [_left_pad(layers, mask, length) for layers, mask in parts]
-        merged = [
-            (torch.cat([p[0][i][0] for p in padded]), torch.cat([p[0][i][1] for p in padded]))
-            for i in range(len(padded[0][0]))
-        ]
-        self.cache = _make_cache(merged)
-        self.mask = torch.cat([p[1] for p in padded])
-        self.seqs.extend(seqs)
+        self.kv.join(caches)
+        self.seqs += seqs
 
     def keep(self, rows: list[int]) -> None:
-        """Keeps only `rows`, then drops leading columns that are padding in every row."""
-        if not rows or self.cache is None or self.mask is None:
-            self.seqs, self.cache, self.mask = [], None, None
-            return
+        self.kv.keep(rows)
         self.seqs = [self.seqs[r] for r in rows]
-        trim = self.length - max(s.cached for s in self.seqs)
-        index = torch.tensor(rows, device=self.mask.device)
-        self.cache = _make_cache(
-            [
-                (k.index_select(0, index)[:, :, trim:], v.index_select(0, index)[:, :, trim:])
-                for k, v in _layers(self.cache)
-            ]
-        )
-        self.mask = self.mask.index_select(0, index)[:, trim:]
-
-
-_KV = tuple[torch.Tensor, torch.Tensor]
-
-
-def _layers(cache: DynamicCache) -> list[_KV]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _make_cache(layers: list[_KV]) -> DynamicCache:
-    # Plain full-attention layers: their length is the tensors' length, which padding relies on.
-    cache = DynamicCache()
-    for i, (keys, values) in enumerate(layers):
-        cache.update(keys, values, i)
-    return cache
-
-
-def _left_pad(layers: list[_KV], mask: torch.Tensor, length: int) -> tuple[list[_KV], torch.Tensor]:
-    extra = length - mask.shape[1]
-    if extra == 0:
-        return layers, mask
-    # F.pad's last pair pads dim -2 for (.., seq, head_dim) tensors: (0, 0, extra, 0).
-    padded = [
-        (torch.nn.functional.pad(k, (0, 0, extra, 0)), torch.nn.functional.pad(v, (0, 0, extra, 0)))
-        for k, v in layers
-    ]
-    return padded, torch.nn.functional.pad(mask, (extra, 0))
 
 
 class Engine:
@@ -239,6 +182,8 @@ class Engine:
         self._cancel: set[str] = set()
         self._live: dict[str, _Sequence] = {}  # waiting or active, by request id
         self._batch = _Batch()
+        # Terminal events of this step, published once the batch no longer holds them.
+        self._finals: list[tuple[_Sequence, Event]] = []
         self._stats = EngineStats()
         self._running = False
         self._thread: threading.Thread | None = None
@@ -271,12 +216,14 @@ class Engine:
             self._fail(seq, "the engine stopped")
         self._waiting.clear()
         self._batch = _Batch()
+        self._publish_finals()
 
     def submit(self, request_id: str, input_ids: list[int], sampling: SamplingParams) -> Generation:
         """Queues a request; its events arrive on the returned Generation."""
         generation = Generation(request_id)
         seq = _Sequence(
             generation=generation,
+            output=generation.token_ids,
             prompt=list(input_ids),
             params=sampling,
             generator=make_generator(sampling, self.device),
@@ -336,10 +283,24 @@ class Engine:
                         return
                     cancels, self._cancel = self._cancel, set()
                     admitted = self._admit(cancels)
-                self._drop_cancelled(cancels)
-                self._prefill(admitted)
-                if self._batch.seqs:
-                    self._decode_step()
+                try:
+                    self._step(cancels, admitted)
+                except Exception as exc:  # a bug here must not leave every caller waiting forever
+                    log.exception("engine step failed")
+                    ended = {id(seq) for seq, _ in self._finals}
+                    for seq in {id(s): s for s in [*self._batch.seqs, *admitted]}.values():
+                        if id(seq) not in ended:
+                            self._fail(seq, f"engine error: {exc}")
+                    self._batch = _Batch()
+                # After the batch is updated, so whoever sees a terminal event also sees the
+                # sequence gone from `stats` and its KV memory released.
+                self._publish_finals()
+
+    def _step(self, cancels: set[str], admitted: list[_Sequence]) -> None:
+        self._drop_cancelled(cancels)
+        self._prefill(admitted)
+        if self._batch.seqs:
+            self._decode_step()
 
     def _admit(self, cancels: set[str]) -> list[_Sequence]:
         """Takes waiting requests into the batch while slots and the prefill budget last."""
@@ -359,27 +320,28 @@ class Engine:
         return admitted
 
     def _drop_cancelled(self, cancels: set[str]) -> None:
-        rows = [i for i, s in enumerate(self._batch.seqs) if s.generation.request_id in cancels]
-        if not rows:
+        seqs = self._batch.seqs
+        keep = [i for i, s in enumerate(seqs) if s.generation.request_id not in cancels]
+        if len(keep) == len(seqs):
             return
-        for i in rows:
-            self._finish(self._batch.seqs[i], None, None, cancelled=True)
-        self._batch.keep([i for i in range(len(self._batch.seqs)) if i not in rows])
+        for seq in seqs:
+            if seq.generation.request_id in cancels:
+                self._finish(seq, None, None, cancelled=True)
+        self._batch.keep(keep)
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
         joined: list[_Sequence] = []
         caches: list[DynamicCache] = []
         for seq in admitted:
+            cache = DynamicCache()
             try:
-                cache = DynamicCache()
                 ids = torch.tensor([seq.prompt], device=self.device)
                 logits = self._forward(ids, None, None, cache)
-            except Exception as exc:  # a bad request must not take the engine down
+                token = sample_next(logits, [seq.params], [seq.generator])[0]
+            except Exception as exc:  # one bad request (or OOM) must not stop the engine
                 log.exception("prefill failed for %s", seq.generation.request_id)
                 self._fail(seq, f"prefill failed: {exc}")
                 continue
-            seq.cached = len(seq.prompt)
-            token = sample_next(logits, [seq.params], [seq.generator])[0]
             if not self._accept(seq, token):
                 joined.append(seq)
                 caches.append(cache)
@@ -388,27 +350,25 @@ class Engine:
 
     def _decode_step(self) -> None:
         batch = self._batch
-        assert batch.mask is not None and batch.cache is not None
+        assert batch.kv.cache is not None
+        # Each row feeds its last sampled token, which is not in the cache yet.
         ids = torch.tensor([[s.output[-1]] for s in batch.seqs], device=self.device)
-        positions = torch.tensor([[s.cached] for s in batch.seqs], device=self.device)
-        mask = torch.nn.functional.pad(batch.mask, (0, 1), value=1)
+        mask, positions = batch.kv.step_inputs()
         try:
-            logits = self._forward(ids, mask, positions, batch.cache)
+            logits = self._forward(ids, mask, positions, batch.kv.cache)
+            tokens = sample_next(
+                logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs]
+            )
         except Exception as exc:  # keep serving: fail this batch, not the process
             log.exception("decode step failed")
             for seq in batch.seqs:
                 self._fail(seq, f"decode failed: {exc}")
             self._batch = _Batch()
             return
-        batch.mask = mask
-        for seq in batch.seqs:
-            seq.cached += 1
+        batch.kv.advance(mask)
         with self._cond:
             self._stats.steps += 1
             self._stats.max_batch_seen = max(self._stats.max_batch_seen, len(batch.seqs))
-        tokens = sample_next(
-            logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs]
-        )
         done = [self._accept(seq, token) for seq, token in zip(batch.seqs, tokens, strict=True)]
         if any(done):
             batch.keep([i for i, d in enumerate(done) if not d])
@@ -466,19 +426,24 @@ class Engine:
         *,
         cancelled: bool = False,
     ) -> None:
-        seq.generation._put(Finished(reason, stop, len(seq.output), cancelled))
-        with self._cond:
-            self._live.pop(seq.generation.request_id, None)
-            if cancelled:
-                self._stats.cancelled += 1
-            else:
-                self._stats.finished += 1
+        self._finals.append((seq, Finished(reason, stop, len(seq.output), cancelled)))
 
     def _fail(self, seq: _Sequence, message: str) -> None:
-        seq.generation._put(Failed(message))
+        self._finals.append((seq, Failed(message)))
+
+    def _publish_finals(self) -> None:
+        finals, self._finals = self._finals, []
         with self._cond:
-            self._live.pop(seq.generation.request_id, None)
-            self._stats.failed += 1
+            for seq, event in finals:
+                self._live.pop(seq.generation.request_id, None)
+                if isinstance(event, Failed):
+                    self._stats.failed += 1
+                elif event.cancelled:
+                    self._stats.cancelled += 1
+                else:
+                    self._stats.finished += 1
+        for seq, event in finals:
+            seq.generation._put(event)
 
 
 def _ids(value: object) -> list[int]:

@@ -27,6 +27,11 @@ def cancel_key(request_id: str) -> str:
     return f"abl:req:{request_id}:cancel"
 
 
+def lease_key(request_id: str) -> str:
+    """Redis key naming the worker running a request; it expires if that worker dies."""
+    return f"abl:req:{request_id}:lease"
+
+
 class SamplingParams(BaseModel):
     """How to pick tokens."""
 

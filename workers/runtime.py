@@ -4,16 +4,16 @@ A Celery task thread calls `run(job)`: claim the request, hand it to the engine,
 ordered events while it decodes, settle the money, then publish the terminal event.
 """
 
+import contextlib
 import json
 import logging
 import threading
 import time
 from decimal import Decimal
-from pathlib import Path
 
 import redis
 
-from db.ledger import Outcome, claim_request, settle_request
+from db.ledger import Outcome, Settlement, claim_request, settle_request
 from db.pricing import cost_usd, credits_for
 from db.session import transaction
 from workers.catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, load_catalog
@@ -26,6 +26,7 @@ from workers.protocol import (
     GenerateJob,
     cancel_key,
     events_channel,
+    lease_key,
 )
 from workers.settings import WorkerSettings
 
@@ -70,6 +71,10 @@ class WorkerRuntime:
         self.engines: dict[str, Engine] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Requests this process is running, and those it is aborting (shutdown, lost Redis).
+        self._active: dict[str, str] = {}
+        self._aborting: set[str] = set()
+        self._lease_ttl = max(1, round(settings.worker_lease_s))
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -112,7 +117,13 @@ class WorkerRuntime:
                 "at": time.time(),
             }
             try:
-                self.redis.set(key, json.dumps(payload), ex=ttl)
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.set(key, json.dumps(payload), ex=ttl)
+                    for request_id in list(self._active):
+                        pipe.set(
+                            lease_key(request_id), self.settings.worker_name, ex=self._lease_ttl
+                        )
+                    pipe.execute()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             self._stop.wait(self.settings.heartbeat_s)
@@ -139,6 +150,17 @@ class WorkerRuntime:
         if not claimed:
             log.info("request %s already claimed or settled; skipping", job.request_id)
             return
+        self._active[job.request_id] = job.model
+        try:
+            self.redis.set(lease_key(job.request_id), self.settings.worker_name, ex=self._lease_ttl)
+            self._run_claimed(job)
+        finally:
+            self._active.pop(job.request_id, None)
+            self._aborting.discard(job.request_id)
+            with contextlib.suppress(redis.RedisError):
+                self.redis.delete(lease_key(job.request_id))
+
+    def _run_claimed(self, job: GenerateJob) -> None:
         publisher = Publisher(self.redis, job.request_id)
         spec = self._spec(job.model)
         if self.redis.exists(cancel_key(job.request_id)):
@@ -146,33 +168,64 @@ class WorkerRuntime:
             return
         try:
             generation = self.engines[job.model].submit(job.request_id, job.input_ids, job.sampling)
-            final = self._relay(generation, publisher)
+            final = self._relay(job.request_id, generation, publisher)
         except Exception as exc:  # the engine failed: the request fails, nothing is charged
             log.exception("generation failed for %s", job.request_id)
             final = Failed(message=f"generation failed: {type(exc).__name__}")
         self._settle(job, spec, publisher, final)
 
-    def _relay(self, generation: Generation, publisher: Publisher) -> Finished | Failed:
+    def abort(self, request_id: str) -> None:
+        """Stop a request for the platform's own reasons: it fails and nothing is charged."""
+        model = self._active.get(request_id)
+        if model is not None:
+            self._aborting.add(request_id)
+            self.engines[model].cancel(request_id)
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Let running requests finish for `grace_s`, then abort what is left."""
+
+        def abort_rest() -> None:
+            for request_id in list(self._active):
+                log.warning("shutdown grace over: aborting %s", request_id)
+                self.abort(request_id)
+
+        timer = threading.Timer(grace_s, abort_rest)
+        timer.daemon = True
+        timer.start()
+
+    def _relay(
+        self, request_id: str, generation: Generation, publisher: Publisher
+    ) -> Finished | Failed:
         """Publish text as it comes, coalescing whatever queued up meanwhile."""
         while True:
             first = generation.get(timeout=None)
             batch = [first, *generation.drain()]
             text, tokens = "", 0
+            final: Finished | Failed | None = None
             for event in batch:
                 if isinstance(event, TextChunk):
                     text += event.text
                     tokens = event.output_tokens
-                    continue
-                if text:
+                elif event is not None:
+                    final = event
+                    break
+            if text and request_id not in self._aborting:
+                try:
                     publisher.delta(text, tokens)
-                return event  # type: ignore[return-value]
-            if text:
-                publisher.delta(text, tokens)
+                except redis.RedisError:
+                    log.warning("cannot publish %s: Redis unreachable; aborting", request_id)
+                    self.abort(request_id)
+            if final is not None:
+                return final
 
     def _settle(
         self, job: GenerateJob, spec: ModelSpec, publisher: Publisher, final: Finished | Failed
     ) -> None:
         input_tokens = len(job.input_ids)
+        error_type = "api_error"
+        if isinstance(final, Finished) and final.cancelled and job.request_id in self._aborting:
+            final = Failed(message="the worker stopped the request (shutdown or lost Redis)")
+            error_type = "overloaded_error"
         if isinstance(final, Failed):
             outcome = Outcome("failed", 0, Decimal(0), 0, error=final.message)
         else:
@@ -192,8 +245,21 @@ class WorkerRuntime:
             )
         with transaction(self.database_url) as session:
             settlement = settle_request(session, job.request_id, outcome)
+        try:
+            self._publish_end(publisher, settlement, outcome, input_tokens, error_type)
+        except redis.RedisError:
+            log.warning("cannot publish the end of %s: Redis unreachable", job.request_id)
+
+    @staticmethod
+    def _publish_end(
+        publisher: Publisher,
+        settlement: Settlement,
+        outcome: Outcome,
+        input_tokens: int,
+        error_type: str,
+    ) -> None:
         if settlement.status == "failed":
-            publisher.error("api_error", outcome.error or "generation failed")
+            publisher.error(error_type, outcome.error or "generation failed")
             return
         publisher.done(
             {
@@ -223,6 +289,3 @@ def get_runtime() -> WorkerRuntime:
     if _runtime is None:
         raise RuntimeError("worker runtime not started (run the worker with python -m workers)")
     return _runtime
-
-
-__all__ = ["Path", "WorkerRuntime", "get_runtime", "heartbeat_key", "init_runtime"]

@@ -17,6 +17,8 @@ class WorkerSettings(CoreSettings):
     max_batch: int = Field(default=16, ge=1)
     # Seconds between liveness heartbeats in Redis (their TTL is three times this).
     heartbeat_s: float = Field(default=2.0, gt=0)
+    # After SIGTERM, how long running requests may go on before they are aborted.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
     # Broker visibility timeout: longer than the longest generation allowed.
     visibility_timeout_s: int = 3600
 

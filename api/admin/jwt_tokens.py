@@ -1,21 +1,34 @@
-"""Account JWTs: minted by the admin API, accepted as `Authorization: Bearer` on inference.
+"""Account JWTs, accepted as `Authorization: Bearer` on inference.
 
-HS256 only, with `settings.jwt_secret`. The verifier pins the algorithm list, so `alg: none`,
-other HMAC sizes and RS256/HS256 confusion are refused before any signature check.
+Two kinds are verified: HS256 with `settings.jwt_secret` (what /admin/accounts/{id}/tokens mints)
+and RS256 from an identity provider, with a PEM public key (`jwt_public_key_file`) or a JWKS file
+(`jwks_file`, key chosen by `kid`). The token's `alg` only picks which configured key to try, and
+the decoder is then pinned to that one algorithm with that one key: `alg: none`, other algorithms,
+and HS256 tokens "signed" with the RSA public key (algorithm confusion) are all refused, because
+an HMAC check only ever uses the shared secret. `exp` and `sub` are required; `nbf` is checked
+when present; `iss` and `aud` are checked (and required) when configured.
 """
 
+import json
 import secrets
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from api.errors import AuthenticationError, PermissionDeniedError
 from api.settings import ApiSettings
 
-ALGORITHM = "HS256"
-# Claims a token must carry; `iss` is checked against settings.jwt_issuer as well.
-REQUIRED_CLAIMS = ("exp", "iat", "sub", "iss")
+HMAC_ALGORITHM = "HS256"
+RSA_ALGORITHM = "RS256"
+ALGORITHM = HMAC_ALGORITHM  # what this module mints
 MAX_TTL_SECONDS = 86_400
+# Seconds of clock difference tolerated on exp/nbf/iat between us and the token's issuer.
+LEEWAY_SECONDS = 5
 
 
 def _secret(settings: ApiSettings) -> str | None:
@@ -36,14 +49,17 @@ def mint_account_token(
     # Whole seconds: the claims are NumericDate integers and expires_at must match them.
     now = datetime.now(UTC).replace(microsecond=0)
     expires_at = now + timedelta(seconds=ttl_seconds)
-    claims = {
+    claims: dict[str, Any] = {
         "sub": account_id,
-        "iss": settings.jwt_issuer,
         "iat": now,
         "nbf": now,
         "exp": expires_at,
         "jti": secrets.token_urlsafe(16),
     }
+    if settings.jwt_issuer:
+        claims["iss"] = settings.jwt_issuer
+    if settings.jwt_audience:
+        claims["aud"] = settings.jwt_audience
     try:
         token = jwt.encode(claims, secret, algorithm=ALGORITHM)
     except jwt.InvalidKeyError as exc:
@@ -53,18 +69,89 @@ def mint_account_token(
     return token, expires_at
 
 
+@lru_cache(maxsize=8)
+def _pem_key(path: Path, mtime_ns: int) -> RSAPublicKey:
+    key = load_pem_public_key(path.read_bytes())
+    if not isinstance(key, RSAPublicKey):
+        raise ValueError(f"{path} is not an RSA public key")
+    return key
+
+
+@lru_cache(maxsize=8)
+def _jwks(path: Path, mtime_ns: int) -> dict[str | None, Any]:
+    """RS256 signing keys of a JWKS file by `kid` (None for a key without one)."""
+    document = json.loads(path.read_text())
+    keys: dict[str | None, Any] = {}
+    for entry in document.get("keys", []):
+        if entry.get("kty") != "RSA" or entry.get("use", "sig") != "sig":
+            continue
+        if entry.get("alg", RSA_ALGORITHM) != RSA_ALGORITHM:
+            continue
+        keys[entry.get("kid")] = jwt.PyJWK.from_dict(entry, RSA_ALGORITHM).key
+    return keys
+
+
+def _rsa_key(settings: ApiSettings, kid: object) -> Any:
+    """The RSA public key for a token's `kid`; AuthenticationError when none is configured."""
+    try:
+        if settings.jwks_file is not None:
+            path = settings.jwks_file
+            keys = _jwks(path, path.stat().st_mtime_ns)
+            if kid is None and len(keys) == 1:
+                return next(iter(keys.values()))
+            if isinstance(kid, str | None) and kid in keys:
+                return keys[kid]
+            raise AuthenticationError(f"invalid token: no key with kid {kid!r} in the JWKS")
+        if settings.jwt_public_key_file is not None:
+            path = settings.jwt_public_key_file
+            return _pem_key(path, path.stat().st_mtime_ns)
+    except (OSError, ValueError, TypeError, jwt.PyJWTError) as exc:
+        raise AuthenticationError("invalid token: JWT authentication is misconfigured") from exc
+    raise AuthenticationError(f"invalid token: {RSA_ALGORITHM} is not configured")
+
+
+def _key_for(settings: ApiSettings, header: dict[str, Any]) -> tuple[str, Any]:
+    """(algorithm, key) to verify with: the token's `alg` picks one configured key, or none."""
+    algorithm = header.get("alg")
+    if algorithm == HMAC_ALGORITHM:
+        secret = _secret(settings)
+        if secret is None:
+            raise AuthenticationError(f"invalid token: {HMAC_ALGORITHM} is not configured")
+        return HMAC_ALGORITHM, secret
+    if algorithm == RSA_ALGORITHM:
+        return RSA_ALGORITHM, _rsa_key(settings, header.get("kid"))
+    raise AuthenticationError(
+        f"invalid token: only {HMAC_ALGORITHM} and {RSA_ALGORITHM} are accepted"
+    )
+
+
+def _configured(settings: ApiSettings) -> bool:
+    return bool(_secret(settings) or settings.jwt_public_key_file is not None or settings.jwks_file)
+
+
 def verify_account_token(settings: ApiSettings, token: str) -> str:
     """The account id (`sub`) of a valid token; AuthenticationError otherwise."""
-    secret = _secret(settings)
-    if secret is None:
+    if not _configured(settings):
         raise AuthenticationError("invalid token: JWT authentication is disabled")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.InvalidTokenError as exc:
+        raise AuthenticationError(f"invalid token: {exc}") from exc
+    algorithm, key = _key_for(settings, header)
+    required = ["exp", "sub"]
+    if settings.jwt_issuer:
+        required.append("iss")
+    if settings.jwt_audience:
+        required.append("aud")
     try:
         claims = jwt.decode(
             token,
-            secret,
-            algorithms=[ALGORITHM],
-            issuer=settings.jwt_issuer,
-            options={"require": list(REQUIRED_CLAIMS)},
+            key,
+            algorithms=[algorithm],
+            issuer=settings.jwt_issuer or None,
+            audience=settings.jwt_audience,
+            leeway=LEEWAY_SECONDS,
+            options={"require": required},
         )
     except jwt.ExpiredSignatureError as exc:
         raise AuthenticationError("invalid token: expired") from exc
@@ -72,17 +159,19 @@ def verify_account_token(settings: ApiSettings, token: str) -> str:
         raise AuthenticationError("invalid token: not yet valid") from exc
     except jwt.InvalidIssuerError as exc:
         raise AuthenticationError("invalid token: wrong issuer") from exc
+    except jwt.InvalidAudienceError as exc:
+        raise AuthenticationError("invalid token: wrong audience") from exc
     except jwt.MissingRequiredClaimError as exc:
         raise AuthenticationError(f"invalid token: missing the {exc.claim!r} claim") from exc
     except jwt.InvalidAlgorithmError as exc:
-        raise AuthenticationError(f"invalid token: only {ALGORITHM} is accepted") from exc
+        raise AuthenticationError(f"invalid token: {exc}") from exc
     except jwt.InvalidSignatureError as exc:
         raise AuthenticationError("invalid token: bad signature") from exc
-    except jwt.InvalidTokenError as exc:
-        raise AuthenticationError(f"invalid token: {exc}") from exc
     except jwt.InvalidKeyError as exc:
         # A PEM/SSH key configured as the secret: PyJWT refuses it, and so do we.
         raise AuthenticationError("invalid token: JWT authentication is misconfigured") from exc
+    except jwt.InvalidTokenError as exc:
+        raise AuthenticationError(f"invalid token: {exc}") from exc
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
         raise AuthenticationError("invalid token: 'sub' must name an account")

@@ -1,20 +1,36 @@
-"""From a validated request to a queued job: model, prompt, limits, price, reservation."""
+"""From a validated request to a queued job: model, prompt, limits, price, reservation.
 
-from dataclasses import dataclass
+Order: model (404) -> tokenize -> max_tokens and context checks (400) -> rate limits (429, one
+Redis script) -> credit reservation (402, one Postgres transaction). A request refused after the
+rate-limit step gets its budget and concurrency slot back at once; an admitted one gives back its
+slot, and the output tokens it did not produce, in `finish()`.
+"""
+
+import logging
+from dataclasses import dataclass, field
 
 from fastapi.concurrency import run_in_threadpool
 
 from api.anthropic.convert import sampling_params
 from api.anthropic.protocol import CountTokensRequest, MessagesRequest
 from api.auth import Principal
-from api.errors import BillingError, InvalidRequestError, NotFoundError, PermissionDeniedError
+from api.errors import (
+    ApiError,
+    BillingError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from api.ids import new_message_id
 from api.platform import Platform
+from api.ratelimit import Cost, Limits, RateLimiter, Ticket
 from db.ledger import AccountUnavailable, InsufficientCredits, NewRequest, open_request
 from db.pricing import cost_usd, credits_for
 from db.session import transaction
 from workers.catalog import ModelSpec
 from workers.protocol import GenerateJob
+
+log = logging.getLogger("abl.admission")
 
 
 @dataclass(frozen=True)
@@ -25,6 +41,11 @@ class Admitted:
     job: GenerateJob
     input_tokens: int
     credits_reserved: int
+    principal: Principal
+    # Sent on the response, whatever its outcome (e.g. anthropic-ratelimit-*).
+    headers: dict[str, str] = field(default_factory=dict)
+    # The rate-limit claim that finish() settles.
+    ticket: Ticket | None = None
 
 
 def resolve_model(platform: Platform, model_id: str) -> ModelSpec:
@@ -60,13 +81,27 @@ def decide_max_tokens(platform: Platform, spec: ModelSpec, body: MessagesRequest
     return body.max_tokens
 
 
+def rate_subject(principal: Principal) -> str:
+    """Whose budget a request spends: its API key, or its account when it came with a JWT."""
+    return principal.api_key_id or f"account:{principal.account_id}"
+
+
 async def admit(
     platform: Platform, principal: Principal, body: MessagesRequest, request_id: str
 ) -> Admitted:
-    """Validate against the model, then persist the request and reserve its worst case."""
-    spec = resolve_model(platform, body.model)
-    input_ids = await run_in_threadpool(tokenize, platform, spec, body)
-    max_tokens = decide_max_tokens(platform, spec, body, len(input_ids))
+    """Check against the model, rate-limit, then persist the request and reserve its worst case."""
+    limiter = RateLimiter(platform.redis, platform.settings)
+    limits = Limits.resolve(principal.rate_limits, platform.settings)
+    subject = rate_subject(principal)
+    try:
+        spec = resolve_model(platform, body.model)
+        input_ids = await run_in_threadpool(tokenize, platform, spec, body)
+        max_tokens = decide_max_tokens(platform, spec, body, len(input_ids))
+    except ApiError as exc:
+        await _add_current_headers(limiter, subject, limits, exc)
+        raise
+    cost = Cost(requests=1, input_tokens=len(input_ids), output_tokens=max_tokens)
+    ticket, decision = await limiter.acquire(subject, limits, cost, request_id)
     worst = cost_usd(
         len(input_ids), max_tokens, spec.input_price_per_mtok, spec.output_price_per_mtok
     )
@@ -83,14 +118,76 @@ async def admit(
         input_tokens=len(input_ids),
         credits_reserved=reserve,
     )
-    await run_in_threadpool(_open, platform.database_url, new)
+    try:
+        await run_in_threadpool(_open, platform.database_url, new)
+    except ApiError as exc:
+        exc.headers = {**await _give_back(limiter, ticket, decision.headers()), **exc.headers}
+        raise
+    except BaseException:
+        # Cancelled or the database failed: this task may not await any more; release anyway.
+        platform.spawn(_release_logged(limiter, ticket, ticket.cost))
+        raise
     job = GenerateJob(
         request_id=request_id,
         model=spec.id,
         input_ids=input_ids,
         sampling=sampling_params(body, max_tokens),
     )
-    return Admitted(request_id, message_id, spec, job, len(input_ids), reserve)
+    return Admitted(
+        request_id,
+        message_id,
+        spec,
+        job,
+        len(input_ids),
+        reserve,
+        principal,
+        headers=decision.headers(),
+        ticket=ticket,
+    )
+
+
+async def finish(platform: Platform, admitted: Admitted, output_tokens: int | None) -> None:
+    """Called once when a request admitted above ends, however it ends (None: unknown).
+
+    Frees the concurrency slot and gives back the output tokens reserved as `max_tokens` but
+    not produced. Unknown output keeps the whole `max_tokens` counted.
+    """
+    ticket = admitted.ticket
+    if ticket is None:
+        return
+    unused = 0 if output_tokens is None else max(0, ticket.cost.output_tokens - output_tokens)
+    limiter = RateLimiter(platform.redis, platform.settings)
+    await _release_logged(limiter, ticket, Cost(0, 0, unused))
+
+
+async def _add_current_headers(
+    limiter: RateLimiter, subject: str, limits: Limits, exc: ApiError
+) -> None:
+    """The rate-limit headers on an error raised before the limits were charged."""
+    try:
+        decision = await limiter.peek(subject, limits)
+    except ApiError:
+        return  # Redis down: the original error is still the right answer
+    exc.headers = {**decision.headers(), **exc.headers}
+
+
+async def _give_back(
+    limiter: RateLimiter, ticket: Ticket, headers: dict[str, str]
+) -> dict[str, str]:
+    """Undo a claim whose request was refused later; the headers as they are afterwards."""
+    try:
+        return (await limiter.release(ticket, ticket.cost)).headers()
+    except ApiError:
+        log.warning("could not give back %s's rate-limit claim; its lease will", ticket.request_id)
+        return headers
+
+
+async def _release_logged(limiter: RateLimiter, ticket: Ticket, refund: Cost) -> None:
+    try:
+        await limiter.release(ticket, refund)
+    except ApiError:
+        # The slot's lease expires by itself (request timeout + a minute).
+        log.warning("could not release %s's rate-limit slot", ticket.request_id)
 
 
 def _open(database_url: str, new: NewRequest) -> None:

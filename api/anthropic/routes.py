@@ -10,7 +10,7 @@ from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from api.anthropic import sse
-from api.anthropic.admission import Admitted, admit, resolve_model, tokenize
+from api.anthropic.admission import Admitted, admit, finish, resolve_model, tokenize
 from api.anthropic.convert import message_delta_event, message_response, model_info, models_page
 from api.anthropic.protocol import CountTokensRequest, MessagesRequest, ModelInfo, TokenCount
 from api.auth import PrincipalDep
@@ -24,6 +24,7 @@ from api.errors import (
 )
 from api.platform import Platform
 from api.relay import EventSubscription
+from api.supervision import RequestWatch
 from workers.protocol import DeltaEvent, DoneEvent
 
 # nginx's code for a client that went away before the answer; nobody reads it.
@@ -37,14 +38,25 @@ async def create_message(
     body: MessagesRequest, principal: PrincipalDep, platform: PlatformDep, request: Request
 ) -> object:
     admitted = await admit(platform, principal, body, request_id_of(request))
-    subscription = await _start(platform, admitted)
+    try:
+        subscription = await _start(platform, admitted)
+    except ApiError as exc:
+        await finish(platform, admitted, None)
+        exc.headers = {**admitted.headers, **exc.headers}
+        raise
     if body.stream:
         return StreamingResponse(
             _stream(platform, admitted, body.model, subscription),
             media_type="text/event-stream; charset=utf-8",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no", **admitted.headers},
         )
-    return await _complete(platform, admitted, body.model, request, subscription)
+    try:
+        response = await _complete(platform, admitted, body.model, request, subscription)
+    except ApiError as exc:
+        exc.headers = {**admitted.headers, **exc.headers}
+        raise
+    response.headers.update(admitted.headers)
+    return response
 
 
 async def _start(platform: Platform, admitted: Admitted) -> EventSubscription:
@@ -70,14 +82,16 @@ async def _complete(
     subscription: EventSubscription,
 ) -> Response:
     deadline = time.monotonic() + platform.settings.request_timeout_s
+    watch = RequestWatch(platform, admitted.request_id, subscription)
     text: list[str] = []
     finished = False
+    produced: int | None = None
     try:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise GatewayTimeoutError("the request timed out and was cancelled")
-            event = await subscription.next(min(remaining, 1.0))
+            event = await watch.next(min(remaining, 1.0))
             if event is None:
                 if await request.is_disconnected():
                     return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -87,6 +101,9 @@ async def _complete(
                 continue
             finished = True
             if isinstance(event, DoneEvent):
+                produced = event.output_tokens
+                if event.status == "cancelled":
+                    raise OverloadedError("the request was stopped by its worker; retry it")
                 response = message_response(
                     message_id=admitted.message_id, model=model, text="".join(text), done=event
                 )
@@ -96,13 +113,16 @@ async def _complete(
         await subscription.__aexit__(None, None, None)
         if not finished:
             platform.cancel_soon(admitted.request_id)
+        platform.spawn(finish(platform, admitted, produced))
 
 
 async def _stream(
     platform: Platform, admitted: Admitted, model: str, subscription: EventSubscription
 ) -> AsyncIterator[bytes]:
     deadline = time.monotonic() + platform.settings.request_timeout_s
+    watch = RequestWatch(platform, admitted.request_id, subscription)
     finished = False
+    produced: int | None = None
     try:
         yield sse.message_start(admitted.message_id, model, admitted.input_tokens)
         yield sse.content_block_start(0)
@@ -110,15 +130,17 @@ async def _stream(
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                yield sse.error_event("timeout_error", "the request timed out and was cancelled")
-                return
-            event = await subscription.next(min(remaining, platform.settings.ping_interval_s))
+                raise GatewayTimeoutError("the request timed out and was cancelled")
+            event = await watch.next(min(remaining, platform.settings.ping_interval_s))
             if event is None:
                 yield sse.ping()
             elif isinstance(event, DeltaEvent):
                 yield sse.text_delta(0, event.text)
             elif isinstance(event, DoneEvent):
                 finished = True
+                produced = event.output_tokens
+                if event.status == "cancelled":
+                    raise OverloadedError("the request was stopped by its worker; retry it")
                 yield sse.content_block_stop(0)
                 yield message_delta_event(event)
                 yield sse.message_stop()
@@ -133,6 +155,7 @@ async def _stream(
         await subscription.__aexit__(None, None, None)
         if not finished:
             platform.cancel_soon(admitted.request_id)
+        platform.spawn(finish(platform, admitted, produced))
 
 
 @router.post("/v1/messages/count_tokens")

@@ -1,6 +1,7 @@
 """The admin guard on its own: no database, one route behind it."""
 
-import httpx
+from typing import Any, Protocol
+
 import pytest
 from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
@@ -29,7 +30,15 @@ def _client(admin_token: str | None) -> TestClient:
     return TestClient(app)
 
 
-def _error(response: httpx.Response, status: int, error_type: str) -> str:
+class _Response(Protocol):
+    """httpx's or httpx2's Response, whichever TestClient uses."""
+
+    status_code: int
+
+    def json(self) -> Any: ...
+
+
+def _error(response: _Response, status: int, error_type: str) -> str:
     assert response.status_code == status
     body = response.json()
     assert body["type"] == "error"

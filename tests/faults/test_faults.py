@@ -1,0 +1,307 @@
+"""Fault injection on real processes: dead workers, no workers, full queues, Redis and Postgres
+restarts, SIGTERM. After each: every request terminal, holds released, the ledger reconciles.
+
+One private stack for this module (two workers, short leases and timeouts), so the killing
+never disturbs the session's stack. The tests run in file order; each leaves the stack whole.
+"""
+
+import json
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from celery import Celery
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.ledger import reconcile
+from db.models import Account, Request
+from db.session import get_sessionmaker
+from infra.stack import Stack
+from workers.protocol import TASK_GENERATE, GenerateJob, SamplingParams
+
+MODEL = "abliterated-model"
+LONG = {
+    "model": MODEL,
+    "max_tokens": 1000,
+    "temperature": 1.0,
+    "stream": True,
+    "messages": [{"role": "user", "content": "Write a very long story."}],
+}
+SHORT = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
+QUEUE_TIMEOUT_S = 4
+
+
+@pytest.fixture(scope="module")
+def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    env = {
+        "ABL_WORKER_LEASE_S": "3",
+        "ABL_HEARTBEAT_S": "1",
+        "ABL_QUEUE_TIMEOUT_S": str(QUEUE_TIMEOUT_S),
+        "ABL_LIVENESS_CHECK_S": "0.5",
+        "ABL_SHUTDOWN_GRACE_S": "1",
+        "ABL_MAX_QUEUED_PER_MODEL": "3",
+        "ABL_JWT_SECRET": secrets.token_urlsafe(32),
+    }
+    data_dir: Path = tmp_path_factory.mktemp("abl-faults")
+    with Stack(data_dir, workers=2, env=env) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def key(fault_stack: Stack) -> str:
+    admin = {"Authorization": f"Bearer {fault_stack.admin_token}"}
+    account = httpx.post(
+        f"{fault_stack.base_url}/admin/accounts",
+        json={"name": "faults", "credits": 1_000_000},
+        headers=admin,
+    ).json()
+    created = httpx.post(
+        f"{fault_stack.base_url}/admin/accounts/{account['id']}/keys", json={}, headers=admin
+    )
+    return str(created.json()["key"])
+
+
+@pytest.fixture
+def db(fault_stack: Stack) -> Iterator[Session]:
+    assert fault_stack.database_url
+    with get_sessionmaker(fault_stack.database_url)() as session:
+        yield session
+
+
+def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
+    name = None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: ") and name:
+            yield name, json.loads(line[6:])
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.2):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def books_are_straight(stack: Stack) -> None:
+    """No request left open, no hold left, and every account reconciles."""
+    assert stack.database_url
+
+    def settled() -> bool:
+        with get_sessionmaker(stack.database_url)() as session:
+            open_ = session.execute(
+                select(func.count()).where(Request.status.in_(("queued", "running")))
+            ).scalar_one()
+            held = session.execute(select(func.sum(Account.reserved_credits))).scalar_one()
+            return open_ == 0 and not held
+
+    wait_for(settled, timeout=30)
+    with get_sessionmaker(stack.database_url)() as session:
+        assert reconcile(session) == []
+
+
+def request_row(stack: Stack, request_id: str) -> Request:
+    assert stack.database_url
+    with get_sessionmaker(stack.database_url)() as session:
+        row = session.get(Request, request_id)
+        assert row is not None
+        return row
+
+
+def start_long_stream(stack: Stack, key: str) -> tuple[httpx.Client, httpx.Response, Iterator]:
+    client = httpx.Client(base_url=stack.base_url, headers={"x-api-key": key}, timeout=60)
+    response = client.send(client.build_request("POST", "/v1/messages", json=LONG), stream=True)
+    assert response.status_code == 200, response.read()
+    events = sse_events(response)
+    for name, _ in events:
+        if name == "content_block_delta":
+            break
+    return client, response, events
+
+
+def ok_request(stack: Stack, key: str) -> httpx.Response:
+    response = httpx.post(
+        f"{stack.base_url}/v1/messages", json=SHORT, headers={"x-api-key": key}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_worker_killed_mid_stream(fault_stack: Stack, key: str) -> None:
+    client, response, events = start_long_stream(fault_stack, key)
+    request_id = response.headers["request-id"]
+    worker = request_row(fault_stack, request_id).worker
+    assert worker is not None
+    index = int(worker.split("-")[1])
+    fault_stack.kill_worker(index, signal.SIGKILL)
+    killed_at = time.monotonic()
+    rest = [name for name, _ in events]
+    elapsed = time.monotonic() - killed_at
+    response.close()
+    client.close()
+    assert rest[-1] == "error" and "message_stop" not in rest
+    assert elapsed < 30
+    row = request_row(fault_stack, request_id)
+    assert row.status == "failed" and row.credits_charged == 0
+    # The other worker keeps serving while this one is down.
+    ok_request(fault_stack, key)
+    # A redelivered task for the failed request is refused by the claim: nothing runs twice.
+    celery = Celery(broker=fault_stack.redis_url)
+    job = GenerateJob(
+        request_id=request_id,
+        model=MODEL,
+        input_ids=[1, 2, 3],
+        sampling=SamplingParams(max_tokens=4),
+    )
+    celery.send_task(TASK_GENERATE, args=[job.model_dump()], queue=MODEL)
+    time.sleep(2)
+    again = request_row(fault_stack, request_id)
+    assert (again.status, again.worker, again.output_tokens) == ("failed", worker, 0)
+    fault_stack.start_worker(index)
+    books_are_straight(fault_stack)
+
+
+def _stop_all_workers(stack: Stack) -> None:
+    for i in range(len(stack.workers)):
+        if stack.workers[i].alive:
+            stack.kill_worker(i, signal.SIGTERM)
+
+
+def _restart_workers(stack: Stack) -> None:
+    for i in range(len(stack.workers)):
+        if not stack.workers[i].alive:
+            stack.start_worker(i)
+    stack.wait_ready()
+
+
+def test_no_worker_means_529_and_released_hold(fault_stack: Stack, key: str) -> None:
+    _stop_all_workers(fault_stack)
+    r = redis.Redis.from_url(fault_stack.redis_url or "")
+    wait_for(lambda: not r.keys("abl:worker:*"), timeout=15)
+    started = time.monotonic()
+    response = httpx.post(
+        f"{fault_stack.base_url}/v1/messages", json=SHORT, headers={"x-api-key": key}, timeout=60
+    )
+    waited = time.monotonic() - started
+    assert response.status_code == 529, response.text
+    assert response.json()["error"]["type"] == "overloaded_error"
+    assert int(response.headers["retry-after"]) >= 1
+    assert QUEUE_TIMEOUT_S - 0.5 <= waited < QUEUE_TIMEOUT_S + 10
+    row = request_row(fault_stack, response.headers["request-id"])
+    assert row.status == "failed" and row.credits_charged == 0
+    books_are_straight(fault_stack)
+
+
+def test_full_queue_is_refused_at_once(fault_stack: Stack, key: str) -> None:
+    """Workers still down: three requests fill the queue, the fourth gets 529 immediately."""
+    r = redis.Redis.from_url(fault_stack.redis_url or "")
+    r.delete(MODEL)  # the jobs left over from the previous test
+    statuses: list[int] = []
+
+    def send() -> None:
+        statuses.append(
+            httpx.post(
+                f"{fault_stack.base_url}/v1/messages",
+                json=SHORT,
+                headers={"x-api-key": key},
+                timeout=60,
+            ).status_code
+        )
+
+    waiting = [threading.Thread(target=send) for _ in range(3)]
+    for thread in waiting:
+        thread.start()
+    wait_for(lambda: r.llen(MODEL) >= 3, timeout=10)
+    started = time.monotonic()
+    refused = httpx.post(
+        f"{fault_stack.base_url}/v1/messages", json=SHORT, headers={"x-api-key": key}, timeout=60
+    )
+    assert refused.status_code == 529 and time.monotonic() - started < 2
+    for thread in waiting:
+        thread.join()
+    assert statuses == [529, 529, 529]
+    # Workers come back, find the queued jobs already settled, and skip them.
+    _restart_workers(fault_stack)
+    ok_request(fault_stack, key)
+    books_are_straight(fault_stack)
+
+
+def test_worker_sigterm_ends_streams_with_an_error(fault_stack: Stack, key: str) -> None:
+    client, response, events = start_long_stream(fault_stack, key)
+    request_id = response.headers["request-id"]
+    worker = request_row(fault_stack, request_id).worker
+    assert worker is not None
+    index = int(worker.split("-")[1])
+    fault_stack.kill_worker(index, signal.SIGTERM, timeout=None)
+    rest = list(events)
+    response.close()
+    client.close()
+    assert rest[-1][0] == "error"
+    assert rest[-1][1]["error"]["type"] == "overloaded_error"
+    assert fault_stack.workers[index].wait(30) is not None  # it exits, within the grace
+    assert request_row(fault_stack, request_id).status == "failed"
+    _restart_workers(fault_stack)
+    books_are_straight(fault_stack)
+
+
+def test_redis_restart(fault_stack: Stack, key: str) -> None:
+    redis_service = fault_stack.redis_service
+    assert redis_service is not None
+    client, response, events = start_long_stream(fault_stack, key)
+    request_id = response.headers["request-id"]
+    redis_service.stop()
+    started = time.monotonic()
+    rest = list(events)
+    response.close()
+    client.close()
+    assert rest[-1][0] == "error" and time.monotonic() - started < 15
+    started = time.monotonic()
+    down = httpx.post(
+        f"{fault_stack.base_url}/v1/messages", json=SHORT, headers={"x-api-key": key}, timeout=60
+    )
+    assert down.status_code >= 500 and down.json()["type"] == "error"
+    assert time.monotonic() - started < 10
+    redis_service.start()
+    fault_stack.wait_ready(timeout=60)
+    wait_for(lambda: request_row(fault_stack, request_id).status == "failed", timeout=30)
+    ok_request(fault_stack, key)
+    books_are_straight(fault_stack)
+
+
+def test_postgres_restart(fault_stack: Stack, key: str) -> None:
+    postgres = fault_stack.postgres_service
+    assert postgres is not None
+    postgres.stop()
+    started = time.monotonic()
+    down = httpx.post(
+        f"{fault_stack.base_url}/v1/messages", json=SHORT, headers={"x-api-key": key}, timeout=60
+    )
+    assert down.status_code == 500 and down.json()["error"]["type"] == "api_error"
+    assert time.monotonic() - started < 10
+    postgres.start()
+    fault_stack.wait_ready(timeout=60)
+    ok_request(fault_stack, key)
+    books_are_straight(fault_stack)
+
+
+def test_api_sigterm_ends_open_streams_with_an_error(fault_stack: Stack, key: str) -> None:
+    client, response, events = start_long_stream(fault_stack, key)
+    assert fault_stack.api is not None
+    fault_stack.api.send_signal(signal.SIGTERM)
+    rest = list(events)
+    response.close()
+    client.close()
+    assert rest[-1][0] == "error"
+    assert fault_stack.api.wait(30) is not None
+    books_are_straight(fault_stack)
