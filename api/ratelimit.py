@@ -42,7 +42,8 @@ LEASE_MARGIN_S = 60
 # ARGV: mode (acquire | release | peek), burst (ms), request id, lease (ms), concurrency limit,
 # clock override (ms, "" = Redis TIME), then limit and cost for requests, input, output.
 # Release passes negative costs (a refund) and frees the request's slot.
-# Returns: allowed, wait (ms), now (ms), in flight, then remaining and reset (ms) per dimension.
+# Returns: blocked (bits: 1 requests, 2 input, 4 output, 8 in flight; 0 = admitted), wait (ms),
+# now (ms), in flight, then remaining and reset (ms) per dimension.
 _LUA = """
 local now = tonumber(ARGV[6])
 if not now then
@@ -55,7 +56,7 @@ local fields = {'requests', 'input', 'output'}
 local stored = redis.call('HMGET', KEYS[1], 'requests', 'input', 'output')
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local inflight = redis.call('ZCARD', KEYS[2])
-local allowed, wait = 1, 0
+local blocked, wait = 0, 0
 local interval, current, after = {}, {}, {}
 for i = 1, 3 do
   local limit, cost = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
@@ -64,16 +65,16 @@ for i = 1, 3 do
   after[i] = current[i] + cost * interval[i]
   -- A full bucket (current == now) admits any single request, leaving it in debt.
   if mode == 'acquire' and after[i] - now > burst and current[i] > now then
-    allowed = 0
+    blocked = blocked + 2 ^ (i - 1)
     wait = math.max(wait, math.min(after[i] - burst, current[i]) - now)
   end
 end
 if mode == 'acquire' and inflight >= max_inflight then
-  allowed = 0
+  blocked = blocked + 8
   wait = math.max(wait, tonumber(ARGV[13]))
 end
 local state = current
-if allowed == 1 and mode ~= 'peek' then
+if blocked == 0 and mode ~= 'peek' then
   state = after
   local horizon = 0
   for i = 1, 3 do
@@ -89,7 +90,7 @@ if allowed == 1 and mode ~= 'peek' then
     inflight = inflight - redis.call('ZREM', KEYS[2], rid)
   end
 end
-local out = {allowed, math.ceil(wait), now, inflight}
+local out = {blocked, math.ceil(wait), now, inflight}
 for i = 1, 3 do
   local level = (burst - (math.max(state[i], now) - now)) / interval[i]
   out[#out + 1] = math.max(0, math.floor(level + 1e-6))
@@ -139,8 +140,14 @@ class Cost:
     output_tokens: int
 
 
+# Bits of the script's `blocked` answer.
+BLOCKED_REQUESTS, BLOCKED_INPUT, BLOCKED_OUTPUT, BLOCKED_IN_FLIGHT = 1, 2, 4, 8
+
+
 @dataclass(frozen=True)
 class Bucket:
+    """One rate as reported: the per-minute limit, units left now, when it is full again."""
+
     limit: int
     remaining: int
     reset_ms: int
@@ -148,15 +155,19 @@ class Bucket:
 
 @dataclass(frozen=True)
 class Decision:
-    """What the script answered: admitted or not, and the state to report."""
+    """What the script answered: which limits refused (none: admitted), and the state."""
 
-    allowed: bool
+    blocked: int
     retry_after_ms: int
     now_ms: int
     in_flight: int
     requests: Bucket
     input_tokens: Bucket
     output_tokens: Bucket
+
+    @property
+    def allowed(self) -> bool:
+        return self.blocked == 0
 
     def headers(self) -> dict[str, str]:
         """`anthropic-ratelimit-*`; `tokens` is input plus output (no combined limit exists)."""
@@ -188,41 +199,44 @@ def rfc3339_ms(epoch_ms: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def parse_reply(reply: list[Any], limits: Limits, burst_s: float) -> Decision:
+def parse_reply(reply: list[Any], limits: Limits) -> Decision:
     """The script's flat integer reply as a Decision."""
     values = [int(v) for v in reply]
-    allowed, wait, now, in_flight = values[:4]
+    blocked, wait, now, in_flight = values[:4]
     per_minute = (
         limits.requests_per_minute,
         limits.input_tokens_per_minute,
         limits.output_tokens_per_minute,
     )
     buckets = [
-        Bucket(bucket_size(limit, burst_s), values[4 + 2 * i], values[5 + 2 * i])
-        for i, limit in enumerate(per_minute)
+        Bucket(limit, values[4 + 2 * i], values[5 + 2 * i]) for i, limit in enumerate(per_minute)
     ]
-    return Decision(bool(allowed), wait, now, in_flight, *buckets)
-
-
-def bucket_size(per_minute: int, burst_s: float) -> int:
-    """Units a full bucket holds: the per-minute limit scaled to the burst window, at least 1."""
-    return max(1, math.floor(per_minute * burst_s / 60 + 1e-9))
+    return Decision(blocked, wait, now, in_flight, *buckets)
 
 
 def rate_limit_message(decision: Decision, limits: Limits) -> str:
-    """Which limit refused the request, in Anthropic's words where they have some."""
-    if decision.in_flight >= limits.concurrent_requests:
-        return (
-            f"Number of concurrent requests has exceeded your limit of"
-            f" {limits.concurrent_requests}; retry when one finishes"
+    """Which limits refused the request, and when to come back."""
+    reasons = []
+    if decision.blocked & BLOCKED_REQUESTS:
+        reasons.append(
+            "Number of requests has exceeded your rate limit of"
+            f" {limits.requests_per_minute} per minute"
         )
-    return (
-        "This request would exceed your rate limit of"
-        f" {limits.requests_per_minute} requests, {limits.input_tokens_per_minute} input tokens"
-        f" or {limits.output_tokens_per_minute} output tokens per minute"
-        f" (output is counted as max_tokens until the request ends);"
-        f" retry after {decision.retry_after_s()} s"
-    )
+    if decision.blocked & BLOCKED_INPUT:
+        reasons.append(
+            "Number of input tokens has exceeded your rate limit of"
+            f" {limits.input_tokens_per_minute} per minute"
+        )
+    if decision.blocked & BLOCKED_OUTPUT:
+        reasons.append(
+            "Number of output tokens (counted as max_tokens until a request ends) has exceeded"
+            f" your rate limit of {limits.output_tokens_per_minute} per minute"
+        )
+    if decision.blocked & BLOCKED_IN_FLIGHT:
+        reasons.append(
+            f"Number of concurrent requests has exceeded your limit of {limits.concurrent_requests}"
+        )
+    return "; ".join(reasons) + f". Retry after {decision.retry_after_s()} s."
 
 
 @dataclass(frozen=True)
@@ -307,7 +321,7 @@ class RateLimiter:
             raise OverloadedError(
                 "the rate limiter is unavailable; retry shortly", retry_after=1
             ) from exc
-        return parse_reply(reply, limits, burst_s)
+        return parse_reply(reply, limits)
 
     async def _eval(self, keys: list[str], args: list[str | int | float]) -> list[Any]:
         try:

@@ -8,6 +8,7 @@ from decimal import Decimal
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
+from db.daily_usage import SettledUsage, record_usage
 from db.models import BALANCE_KINDS, RESERVATION_KINDS, Account, LedgerEntry, Request
 
 
@@ -179,7 +180,14 @@ def settle_request(
             error=outcome.error,
             finished_at=datetime.now(UTC),
         )
-        .returning(Request.account_id, Request.credits_reserved)
+        .returning(
+            Request.account_id,
+            Request.credits_reserved,
+            Request.created_at,
+            Request.api_key_id,
+            Request.model,
+            Request.input_tokens,
+        )
     ).first()
     if row is None:
         done = session.execute(select(Request).where(Request.id == request_id)).scalar_one()
@@ -222,6 +230,17 @@ def settle_request(
         insert(LedgerEntry),
         [{"account_id": account_id, "request_id": request_id, **e} for e in entries],
     )
+    usage = SettledUsage(
+        row.created_at,
+        account_id,
+        row.api_key_id,
+        row.model,
+        row.input_tokens,
+        outcome.output_tokens,
+        charge,
+        outcome.cost_usd,
+    )
+    record_usage(session, usage)  # the daily_usage rollup, exactly once with the settlement
     return Settlement(
         status=outcome.status,
         credits_charged=charge,

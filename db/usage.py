@@ -2,35 +2,51 @@
 
 Usage counts settled requests (succeeded, failed, cancelled) by the time they were created,
 in the half-open range [start, end); days are UTC calendar days. Requests still queued or
-running are not counted: their tokens and charge are not known yet. Functions take a session
-and never commit. An account's ledger page is served by `api.admin.routes.account_ledger`.
+running are not counted: their tokens and charge are not known yet. Whole days inside the
+range are read from the `daily_usage` rollup (db/daily_usage.py), the partial days at its ends
+from `request`; both are exact, so the answer is the same as summing the request rows.
+Functions take a session and never commit. An account's ledger page is served by
+`api.admin.routes.account_ledger`.
 """
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import BigInteger, Date, Select, cast, func, literal_column, select
+from sqlalchemy import (
+    BigInteger,
+    Select,
+    and_,
+    cast,
+    func,
+    literal,
+    literal_column,
+    null,
+    or_,
+    select,
+    union_all,
+)
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from db.models import TERMINAL_STATUSES, Account, Request
+from db.daily_usage import NO_KEY, utc_day
+from db.models import TERMINAL_STATUSES, Account, DailyUsage, Request
 
 # The names the API, the CLI and the CSV header use, in output order.
 GROUP_BY_FIELDS = ("account", "model", "day", "key")
 # Column of a usage row for each group-by name.
 GROUP_COLUMN_NAMES = {"account": "account_id", "model": "model", "day": "day", "key": "key_id"}
 METRIC_NAMES = ("requests", "input_tokens", "output_tokens", "credits_charged", "cost_usd")
+# Hash-aggregating a month of rollup rows needs more than PostgreSQL's default 4MB.
+REPORT_WORK_MEM = "64MB"
 
 
 class UnknownGroup(ValueError):
     """A group-by name that is not one of GROUP_BY_FIELDS."""
 
 
-@dataclass(frozen=True)
-class UsageRow:
+class UsageRow(NamedTuple):
     """One group's totals; the group columns not grouped by are None."""
 
     account_id: str | None
@@ -45,12 +61,10 @@ class UsageRow:
 
     def as_dict(self, group_by: Sequence[str]) -> dict[str, Any]:
         """The grouped columns, then the metrics (the shape of a JSON or CSV row)."""
-        columns = [*usage_group_columns(group_by), *METRIC_NAMES]
-        return {name: getattr(self, name) for name in columns}
+        return {name: getattr(self, name) for name in usage_columns(group_by)}
 
 
-@dataclass(frozen=True)
-class AccountSpend:
+class AccountSpend(NamedTuple):
     account_id: str
     name: str
     requests: int
@@ -84,44 +98,62 @@ def usage_columns(group_by: Sequence[str]) -> list[str]:
     return [*usage_group_columns(group_by), *METRIC_NAMES]
 
 
-# Hash-aggregating a month of requests needs more than PostgreSQL's default 4MB.
-REPORT_WORK_MEM = "64MB"
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, time(), tzinfo=UTC)
 
 
-def _day() -> ColumnElement[date]:
-    # The UTC calendar day, whatever the session's TimeZone setting. 'UTC' is a literal, not a
-    # parameter: only then does the expression match statistics st_request_usage (0002).
-    return cast(func.timezone(literal_column("'UTC'"), Request.created_at), Date)
+def whole_days(start: datetime, end: datetime) -> tuple[date, date]:
+    """The UTC days entirely inside [start, end), as [first, stop); first >= stop if none."""
+    first = utc_day(start)
+    if _midnight(first) < start:
+        first += timedelta(days=1)
+    return first, utc_day(end)
 
 
-def _group_expressions() -> dict[str, ColumnElement[Any]]:
-    return {
-        "account": Request.account_id,
-        "model": Request.model,
-        "day": _day(),
-        "key": Request.api_key_id,
-    }
+def _from_rollup(first: date, stop: date) -> Select[Any]:
+    return select(
+        DailyUsage.account_id,
+        DailyUsage.model,
+        DailyUsage.day,
+        func.nullif(DailyUsage.api_key_id, NO_KEY).label("key_id"),
+        *(getattr(DailyUsage, name) for name in METRIC_NAMES),
+    ).where(DailyUsage.day >= first, DailyUsage.day < stop)
 
 
-def _metrics() -> list[ColumnElement[Any]]:
-    return [
-        func.count().label("requests"),
-        func.coalesce(func.sum(Request.input_tokens), 0).label("input_tokens"),
-        func.coalesce(func.sum(Request.output_tokens), 0).label("output_tokens"),
-        # sum(bigint) is numeric in PostgreSQL; credits are whole numbers.
-        cast(func.coalesce(func.sum(Request.credits_charged), 0), BigInteger).label(
-            "credits_charged"
-        ),
-        func.coalesce(func.sum(Request.cost_usd), 0).label("cost_usd"),
-    ]
-
-
-def _settled_between(query: Select[Any], start: datetime, end: datetime) -> Select[Any]:
-    return query.where(
-        Request.created_at >= start,
-        Request.created_at < end,
+def _from_requests(ranges: list[tuple[datetime, datetime]]) -> Select[Any]:
+    day = func.timezone(literal_column("'UTC'"), Request.created_at)
+    return select(
+        Request.account_id,
+        Request.model,
+        cast(day, DailyUsage.day.type).label("day"),
+        Request.api_key_id.label("key_id"),
+        literal(1, BigInteger).label("requests"),
+        cast(Request.input_tokens, BigInteger).label("input_tokens"),
+        cast(Request.output_tokens, BigInteger).label("output_tokens"),
+        Request.credits_charged,
+        Request.cost_usd,
+    ).where(
         Request.status.in_(TERMINAL_STATUSES),
+        or_(*(and_(Request.created_at >= a, Request.created_at < b) for a, b in ranges)),
     )
+
+
+def _parts(start: datetime, end: datetime, filters: dict[str, str | None]) -> list[Select[Any]]:
+    first, stop = whole_days(start, end)
+    parts: list[Select[Any]] = []
+    if first < stop:
+        parts.append(_from_rollup(first, stop))
+        edges = [(start, _midnight(first)), (_midnight(stop), end)]
+    else:
+        edges = [(start, end)]
+    edges = [(a, b) for a, b in edges if a < b]
+    if edges:
+        parts.append(_from_requests(edges))
+    columns = {"account_id": "account_id", "key_id": "key_id", "model": "model"}
+    for name, value in filters.items():
+        if value is not None:
+            parts = [p.where(p.selected_columns[columns[name]] == value) for p in parts]
+    return parts
 
 
 def usage_query(
@@ -133,22 +165,30 @@ def usage_query(
     key_id: str | None = None,
     model: str | None = None,
 ) -> Select[Any]:
-    """The usage SELECT (exposed for EXPLAIN in the benchmark)."""
-    names = parse_group_by(group_by)
-    expressions = _group_expressions()
-    grouped = [expressions[n].label(GROUP_COLUMN_NAMES[n]) for n in names]
-    query = _settled_between(select(*grouped, *_metrics()), start, end)
-    if account_id is not None:
-        query = query.where(Request.account_id == account_id)
-    if key_id is not None:
-        query = query.where(Request.api_key_id == key_id)
-    if model is not None:
-        query = query.where(Request.model == model)
+    """The usage SELECT: rows shaped as UsageRow, ordered by the grouped columns."""
+    filters = {"account_id": account_id, "key_id": key_id, "model": model}
+    parts = _parts(start, end, filters)
+    rows = (union_all(*parts) if len(parts) > 1 else parts[0]).subquery("settled")
+    grouped = usage_group_columns(group_by)
+    columns: list[ColumnElement[Any]] = [
+        rows.c[name] if name in grouped else null().label(name)
+        for name in GROUP_COLUMN_NAMES.values()
+    ]
+    metrics = [
+        cast(func.coalesce(func.sum(rows.c[name]), 0), BigInteger).label(name)
+        for name in METRIC_NAMES[:-1]
+    ]
+    cost = func.coalesce(func.sum(rows.c.cost_usd), 0).label("cost_usd")
+    query = select(*columns, *metrics, cost)
     if grouped:
-        # GROUP BY position: the day expression is written once. No ORDER BY: sorting the
-        # groups here is cheaper than steering the planner away from a sort-based aggregate.
-        query = query.group_by(*(literal_column(str(p)) for p in range(1, len(grouped) + 1)))
+        keys = [rows.c[name] for name in grouped]
+        query = query.group_by(*keys).order_by(*(k.asc().nulls_first() for k in keys))
     return query
+
+
+def raise_work_mem(session: Session) -> None:
+    """Give the rest of this transaction REPORT_WORK_MEM (set_config(..., is_local))."""
+    session.execute(select(func.set_config("work_mem", REPORT_WORK_MEM, True)))
 
 
 def usage(
@@ -163,69 +203,40 @@ def usage(
 ) -> list[UsageRow]:
     """Requests, tokens, credits and USD cost per group over [start, end); see the module doc.
 
-    Rows come ordered by their group columns (None first). Raises the transaction's
+    Rows come ordered by their group columns (a null key first). Raises the transaction's
     `work_mem` (like SET LOCAL) so that the groups are hash-aggregated in memory.
     """
     query = usage_query(start, end, group_by, account_id=account_id, key_id=key_id, model=model)
     raise_work_mem(session)
-    result = session.execute(query)
-    names = list(result.keys())
-    ungrouped = dict.fromkeys(GROUP_COLUMN_NAMES.values())
-    rows = [UsageRow(**{**ungrouped, **dict(zip(names, row, strict=True))}) for row in result]
-    columns = usage_group_columns(group_by)
-    # Only key_id can be None (JWT requests); "" sorts it first.
-    rows.sort(key=lambda r: tuple(getattr(r, c) or "" for c in columns))
-    return rows
-
-
-def raise_work_mem(session: Session) -> None:
-    """Give the rest of this transaction REPORT_WORK_MEM (set_config(..., is_local))."""
-    session.execute(select(func.set_config("work_mem", REPORT_WORK_MEM, True)))
+    return [UsageRow._make(row) for row in session.execute(query)]
 
 
 def usage_totals(rows: Iterable[UsageRow]) -> UsageRow:
     """The sum of usage rows, with no group columns."""
-    total = UsageRow(None, None, None, None, 0, 0, 0, 0, Decimal(0))
-    for r in rows:
-        total = UsageRow(
-            None,
-            None,
-            None,
-            None,
-            total.requests + r.requests,
-            total.input_tokens + r.input_tokens,
-            total.output_tokens + r.output_tokens,
-            total.credits_charged + r.credits_charged,
-            total.cost_usd + r.cost_usd,
-        )
-    return total
+    rows = list(rows)
+    return UsageRow(
+        None,
+        None,
+        None,
+        None,
+        sum(r.requests for r in rows),
+        sum(r.input_tokens for r in rows),
+        sum(r.output_tokens for r in rows),
+        sum(r.credits_charged for r in rows),
+        sum((r.cost_usd for r in rows), Decimal(0)),
+    )
 
 
 def top_accounts(
     session: Session, start: datetime, end: datetime, limit: int = 10
 ) -> list[AccountSpend]:
     """The accounts that spent the most credits over [start, end), most first."""
-    spend = (
-        _settled_between(select(Request.account_id, *_metrics()), start, end)
-        .group_by(Request.account_id)
-        .order_by(func.sum(Request.credits_charged).desc(), Request.account_id)
-        .limit(limit)
-        .subquery()
-    )
-    rows = session.execute(
-        select(spend, Account.name)
+    spend = usage_query(start, end, ["account"]).subquery("spend")
+    query = (
+        select(spend.c.account_id, Account.name, *(spend.c[name] for name in METRIC_NAMES))
         .join(Account, Account.id == spend.c.account_id)
         .order_by(spend.c.credits_charged.desc(), spend.c.account_id)
-    ).all()
-    return [
-        AccountSpend(
-            account_id=r.account_id,
-            name=r.name,
-            requests=int(r.requests),
-            input_tokens=int(r.input_tokens),
-            output_tokens=int(r.output_tokens),
-            credits_charged=int(r.credits_charged),
-            cost_usd=Decimal(r.cost_usd),
-        )
-        for r in rows
-    ]
+        .limit(limit)
+    )
+    raise_work_mem(session)
+    return [AccountSpend._make(row) for row in session.execute(query)]

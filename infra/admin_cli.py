@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from db.settings import CoreSettings
+from infra.admin_usage_cli import register_usage
 
 TOKEN_FILE = "admin_token"
 # Ledger fields, and their table headers (short: the table has nine columns).
@@ -396,7 +397,7 @@ def register_admin(subparsers: "argparse._SubParsersAction[argparse.ArgumentPars
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="admin API base URL (default: ABL_URL or ABL_HOST:ABL_PORT)")
     common.add_argument("--json", action="store_true", help="print the raw JSON response")
-    admin = _group(subparsers, "admin", "accounts, credits, keys and the ledger")
+    admin = _group(subparsers, "admin", "accounts, credits, keys, the ledger and usage")
 
     accounts = _group(admin, "accounts", "create, list, show, disable or enable accounts")
     p = _leaf(accounts, "create", _accounts_create, common, "create an account")
@@ -443,3 +444,4 @@ def register_admin(subparsers: "argparse._SubParsersAction[argparse.ArgumentPars
     p = _leaf(admin, "request", _request, common, "a request record and its ledger entries")
     p.add_argument("request_id")
     _leaf(admin, "reconcile", _reconcile, common, "check balances against the ledger")
+    register_usage(admin, partial(_leaf, common=common))

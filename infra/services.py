@@ -56,6 +56,8 @@ def free_port(host: str = LOOPBACK, preferred: int | None = None) -> int:
         if candidate is None:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # As the servers do: connections of a previous run in TIME_WAIT must not move it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, candidate))
             except OSError:

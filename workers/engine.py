@@ -2,9 +2,9 @@
 
 One stepping thread owns the model. Each step it drops cancelled sequences, prefills newly
 submitted ones (each alone, so a prompt's numbers never depend on its neighbours), then runs
-one batched forward for every active sequence. The batch shares one left-padded KV cache;
-sequences join and leave it between steps. No Celery or Redis here: callers submit token ids
-and read events from the returned `Generation`.
+one batched forward for every active sequence. The batch shares one left-padded KV cache
+(`workers.kv_batch`); sequences join and leave it between steps. No Celery or Redis here:
+callers submit token ids and read events from the returned `Generation`.
 """
 
 import contextlib

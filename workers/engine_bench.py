@@ -5,6 +5,7 @@ Without MODEL_DIR it builds the default model into a temporary folder first.
 """
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -80,7 +81,7 @@ def _consume(
             out[rid] = {
                 "tokens": event.output_tokens,
                 "ttft": stamps[0] - submitted,
-                "gaps": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+                "gaps": [b - a for a, b in itertools.pairwise(stamps)],
             }
         assert isinstance(event, TextChunk | Finished)
 

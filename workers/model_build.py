@@ -30,7 +30,7 @@ SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, START_TOKEN]
 
 VOCAB_SIZE = 8000
 # Enough text for a useful 8k vocabulary while keeping training around a second.
-TRAINING_BYTES = 5_000_000
+TRAINING_CHARS = 5_000_000
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 CHAT_TEMPLATE = (
@@ -57,13 +57,13 @@ def training_files() -> list[Path]:
 
 
 def training_corpus() -> Iterator[str]:
-    """Yields the training text, file by file, capped at TRAINING_BYTES."""
+    """Yields the training text, file by file, capped at TRAINING_CHARS."""
     total = 0
     for path in training_files():
         text = path.read_bytes().decode("utf-8", errors="replace")
         yield text
         total += len(text)
-        if total >= TRAINING_BYTES:
+        if total >= TRAINING_CHARS:
             break
 
 

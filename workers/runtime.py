@@ -5,6 +5,7 @@ ordered events while it decodes, settle the money, then publish the terminal eve
 """
 
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -29,6 +30,7 @@ from workers.protocol import (
     lease_key,
 )
 from workers.settings import WorkerSettings
+from workers.sweeper import Sweeper
 
 log = logging.getLogger("abl.worker")
 
@@ -75,6 +77,7 @@ class WorkerRuntime:
         self._active: dict[str, str] = {}
         self._aborting: set[str] = set()
         self._lease_ttl = max(1, round(settings.worker_lease_s))
+        self.sweeper: Sweeper | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -93,8 +96,13 @@ class WorkerRuntime:
             thread = threading.Thread(target=target, daemon=True, name=target.__name__)
             thread.start()
             self._threads.append(thread)
+        # After the heartbeat thread: the sweeper first frees this name's orphaned requests.
+        self.sweeper = Sweeper(self.settings, self.redis, heartbeat_key)
+        self.sweeper.start()
 
     def stop(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()
         self._stop.set()
         self.redis.delete(heartbeat_key(self.settings.worker_name))
         for engine in self.engines.values():
@@ -114,6 +122,7 @@ class WorkerRuntime:
                 "name": self.settings.worker_name,
                 "models": list(self.engines),
                 "active": sum(e.stats.active for e in self.engines.values()),
+                "engines": {m: dataclasses.asdict(e.stats) for m, e in self.engines.items()},
                 "at": time.time(),
             }
             try:

@@ -21,6 +21,11 @@ class WorkerSettings(CoreSettings):
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     # Broker visibility timeout: longer than the longest generation allowed.
     visibility_timeout_s: int = 3600
+    # The sweeper (db/sweeper.py) in every worker: seconds between passes (0: off), and how
+    # long a request may stay queued, or running, before it is settled as failed.
+    sweep_interval_s: float = Field(default=5.0, ge=0)
+    queued_timeout_s: float = Field(default=900.0, gt=0)
+    running_timeout_s: float = Field(default=3600.0, gt=0)
 
     @property
     def models(self) -> list[str]:

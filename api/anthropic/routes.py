@@ -110,10 +110,12 @@ async def _complete(
                 return JSONResponse(response.model_dump(mode="json"))
             raise api_error_for(event.error_type, event.message)
     finally:
-        await subscription.__aexit__(None, None, None)
+        # Before any await: a client that went away cancels this task, and under anyio's
+        # cancellation every later await raises again, skipping the rest of this block.
         if not finished:
             platform.cancel_soon(admitted.request_id)
         platform.spawn(finish(platform, admitted, produced))
+        await subscription.__aexit__(None, None, None)
 
 
 async def _stream(
@@ -152,10 +154,12 @@ async def _stream(
     except ApiError as exc:
         yield sse.error_event(exc.error_type, exc.message)
     finally:
-        await subscription.__aexit__(None, None, None)
+        # Before any await: a client that went away cancels this task, and under anyio's
+        # cancellation every later await raises again, skipping the rest of this block.
         if not finished:
             platform.cancel_soon(admitted.request_id)
         platform.spawn(finish(platform, admitted, produced))
+        await subscription.__aexit__(None, None, None)
 
 
 @router.post("/v1/messages/count_tokens")

@@ -233,6 +233,7 @@ def test_full_queue_is_refused_at_once(fault_stack: Stack, key: str) -> None:
     assert statuses == [529, 529, 529]
     # Workers come back, find the queued jobs already settled, and skip them.
     _restart_workers(fault_stack)
+    wait_for(lambda: r.llen(MODEL) == 0, timeout=30)
     ok_request(fault_stack, key)
     books_are_straight(fault_stack)
 

@@ -1,0 +1,125 @@
+"""The sweeper thread every worker runs: it settles requests stuck queued or running whose
+worker died (the rule is in db/sweeper.py) and tells any engine still decoding them to stop.
+
+All workers sweep; SKIP LOCKED makes the overlap harmless. A worker counts as dead only once
+its heartbeat has been missing for a whole grace period, seen on two passes: a Redis that just
+restarted (and lost every key) must not fail the requests that live workers are running.
+"""
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+from sqlalchemy.exc import SQLAlchemyError
+
+from db.session import transaction
+from db.sweeper import SWEEP_BATCH, release_orphans, sweep
+from workers.protocol import CANCEL_CHANNEL, cancel_key
+from workers.settings import WorkerSettings
+
+log = logging.getLogger("abl.worker.sweeper")
+
+# How long a cancel flag outlives the request (a worker that claims the task later sees it).
+CANCEL_FLAG_TTL_S = 3600
+
+
+class HeartbeatWatch:
+    """`is_worker_alive` from Redis heartbeat keys, with a grace period before "dead"."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        key_of: Callable[[str], str],
+        grace_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._key_of = key_of
+        self._grace_s = grace_s
+        self._clock = clock
+        # worker -> (first seen without a heartbeat, last seen without one)
+        self._missing: dict[str, tuple[float, float]] = {}
+
+    def __call__(self, worker: str) -> bool:
+        """Raises RedisError when Redis cannot answer: unknown is not dead."""
+        if self._client.exists(self._key_of(worker)):
+            self._missing.pop(worker, None)
+            return True
+        now = self._clock()
+        first, last = self._missing.get(worker, (now, now))
+        if now - last > 2 * self._grace_s:
+            first = now  # not looked at for a long while: start counting again
+        self._missing[worker] = (first, now)
+        return now - first < self._grace_s
+
+
+class Sweeper:
+    """start() / stop() a daemon thread that sweeps every `sweep_interval_s` (jittered)."""
+
+    def __init__(
+        self, settings: WorkerSettings, client: redis.Redis, heartbeat_key: Callable[[str], str]
+    ) -> None:
+        self.settings = settings
+        self._redis = client
+        self._database_url = settings.require_database_url()
+        # A heartbeat lives three beats; a worker gone that long is dead.
+        self._alive = HeartbeatWatch(client, heartbeat_key, grace_s=3 * settings.heartbeat_s)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Free what a previous process of this name held, then sweep in the background."""
+        if self.settings.sweep_interval_s <= 0:
+            log.info("sweeper off (sweep_interval_s=0)")
+            return
+        try:
+            with transaction(self._database_url) as session:
+                release_orphans(session, self.settings.worker_name)
+        except SQLAlchemyError as exc:
+            log.warning("could not release this worker's orphaned requests: %s", exc)
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="sweeper")
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def sweep_once(self) -> list[str]:
+        """One pass: settle batches until none is full; the ids settled."""
+        swept: list[str] = []
+        while not self._stop.is_set():
+            with transaction(self._database_url) as session:
+                batch = sweep(
+                    session,
+                    self._alive,
+                    queued_timeout_s=self.settings.queued_timeout_s,
+                    running_timeout_s=self.settings.running_timeout_s,
+                )
+            self._cancel(batch)
+            swept += batch
+            if len(batch) < SWEEP_BATCH:
+                break
+        return swept
+
+    def _cancel(self, request_ids: list[str]) -> None:
+        """An engine may still be decoding a request swept for running too long: stop it."""
+        if not request_ids:
+            return
+        with self._redis.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                pipe.set(cancel_key(request_id), b"1", ex=CANCEL_FLAG_TTL_S)
+                pipe.publish(CANCEL_CHANNEL, request_id)
+            pipe.execute()
+
+    def _loop(self) -> None:
+        interval = self.settings.sweep_interval_s
+        # Jitter: workers started together do not sweep in lockstep.
+        while not self._stop.wait(interval * random.uniform(0.75, 1.25)):
+            try:
+                self.sweep_once()
+            except (SQLAlchemyError, redis.RedisError) as exc:
+                log.warning("sweep failed, retrying next pass: %s", exc)
