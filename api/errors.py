@@ -172,6 +172,8 @@ def error_response(
 ) -> JSONResponse:
     """The one place an error becomes an HTTP response."""
     request_id = request_id_of(request)
+    # Messages may echo input, and JSON input may hold lone surrogates that UTF-8 cannot encode.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     out = dict(headers or {})
     out["request-id"] = request_id
     if status in NO_RETRY_STATUSES:

@@ -4,16 +4,17 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from api import account, health
 from api.admin import routes as admin_routes
 from api.admin import usage as admin_usage
 from api.anthropic import routes as anthropic_routes
 from api.errors import install_error_handlers
-from api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from api.middleware import BodyLimitMiddleware, JsonBodyMiddleware, RequestIdMiddleware
 from api.platform import Platform
 from api.settings import ApiSettings
+from api.versions import check_anthropic_version
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -34,12 +35,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app = FastAPI(title="Abliterated inference platform", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     install_error_handlers(app)
-    app.include_router(anthropic_routes.router)
+    app.include_router(anthropic_routes.router, dependencies=[Depends(check_anthropic_version)])
     app.include_router(account.router)
     app.include_router(admin_routes.router)
     app.include_router(admin_usage.router)
     app.include_router(health.router)
     # Outermost last: the request id exists before the body limit can refuse a request.
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -98,3 +98,31 @@ class BodyLimitMiddleware:
 
 class _TooLarge(BaseException):
     """BaseException so no `except Exception` inside the app turns it into a 400 or 500."""
+
+
+class JsonBodyMiddleware:
+    """Every body this API takes is JSON: read it as JSON whatever its Content-Type says.
+
+    curl's `-d` sends application/x-www-form-urlencoded, and some clients send text/plain or no
+    type at all. Refusing them helps nobody, and FastAPI would otherwise skip JSON parsing and
+    answer "Input should be a JSON object" about a body that is one.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = scope.get("headers", [])
+            declared = next((v for k, v in headers if k == b"content-type"), b"")
+            if not _is_json(declared):
+                kept = [(k, v) for k, v in headers if k != b"content-type"]
+                scope = {**scope, "headers": [*kept, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+def _is_json(content_type: bytes) -> bool:
+    media_type = content_type.split(b";", 1)[0].strip().lower()
+    return media_type == b"application/json" or (
+        media_type.startswith(b"application/") and media_type.endswith(b"+json")
+    )

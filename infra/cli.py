@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("dest", nargs="?", type=Path, help="target folder")
     build.add_argument("--force", action="store_true", help="rebuild even if present")
     build.set_defaults(func=cmd_build_model)
+    from infra import soak
+
+    soak.register(subparsers)
     register_admin = _admin_hook()
     if register_admin is not None:
         register_admin(subparsers)

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -48,11 +49,22 @@ class _WireModel(BaseModel):
 # ---------------------------------------------------------------------------- request side
 
 
+def _valid_unicode(text: str) -> str:
+    # JSON may spell a lone UTF-16 surrogate ("\\ud800"); no tokenizer or encoder accepts one.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "unicode", "unpaired UTF-16 surrogate at character {index}", {"index": exc.start}
+        ) from None
+    return text
+
+
 class TextBlockParam(_WireModel):
     """`{"type": "text", "text": ...}`; `cache_control` and `citations` are accepted and ignored."""
 
     type: Literal["text"]
-    text: str
+    text: Annotated[str, AfterValidator(_valid_unicode)]
 
 
 def _check_block_type(value: Any) -> Any:
