@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.admin.jwt_tokens import verify_account_token
 from api.errors import AuthenticationError, PermissionDeniedError
+from api.settings import ApiSettings
 from db.accounts import KEY_PREFIX, find_key, touch_key
 from db.models import Account
 from db.session import transaction
@@ -74,6 +75,20 @@ def _lookup_account(database_url: str, account_id: str) -> Principal:
 def _check_enabled(account: Account) -> None:
     if account.disabled:
         raise PermissionDeniedError("this account is disabled")
+
+
+def is_inference_credential(settings: ApiSettings, credential: str) -> bool:
+    """Whether `credential` is a live API key or a valid account JWT (reads only)."""
+    if credential.startswith(KEY_PREFIX) or credential.count(".") != 2:
+        if not settings.database_url:
+            return False
+        with transaction(settings.database_url) as session:
+            return find_key(session, credential) is not None
+    try:
+        verify_account_token(settings, credential)
+    except AuthenticationError:
+        return False
+    return True
 
 
 async def authenticate(request: Request) -> Principal:

@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from api import account, health
+from api import account, health, metrics
 from api.admin import routes as admin_routes
 from api.admin import usage as admin_usage
 from api.anthropic import routes as anthropic_routes
@@ -15,11 +15,13 @@ from api.middleware import BodyLimitMiddleware, JsonBodyMiddleware, RequestIdMid
 from api.platform import Platform
 from api.settings import ApiSettings
 from api.versions import check_anthropic_version
+from workers.logs import request_logger
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    request_logger()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,8 +42,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(admin_routes.router)
     app.include_router(admin_usage.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     # Outermost last: the request id exists before the body limit can refuse a request.
     app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(metrics.HttpMetricsMiddleware)
     return app

@@ -36,20 +36,26 @@ HEADER_PREFIX = "anthropic-ratelimit-"
 CONCURRENCY_RETRY_MS = 1000
 # How long a slot outlives the request timeout when its release never arrives.
 LEASE_MARGIN_S = 60
+# 2025-01-01T00:00:00Z: the script's times count from here (never change it: state depends on it).
+CLOCK_EPOCH_MS = 1_735_689_600_000
 
 # KEYS[1]: hash of theoretical arrival times (ms) per rate dimension; KEYS[2]: zset of
 # in-flight request ids scored by lease expiry (ms).
 # ARGV: mode (acquire | release | peek), burst (ms), request id, lease (ms), concurrency limit,
-# clock override (ms, "" = Redis TIME), then limit and cost for requests, input, output.
+# clock override (ms, "" = Redis TIME), then limit and cost for requests, input, output, the
+# concurrency retry (ms) and the epoch (ms). Times are kept relative to the epoch so that
+# doubles stay precise to a few nanoseconds, far below one unit of any limit.
 # Release passes negative costs (a refund) and frees the request's slot.
 # Returns: blocked (bits: 1 requests, 2 input, 4 output, 8 in flight; 0 = admitted), wait (ms),
 # now (ms), in flight, then remaining and reset (ms) per dimension.
 _LUA = """
+local epoch = tonumber(ARGV[14])
 local now = tonumber(ARGV[6])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+now = now - epoch
 local mode, burst, rid = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local lease, max_inflight = tonumber(ARGV[4]), tonumber(ARGV[5])
 local fields = {'requests', 'input', 'output'}
@@ -61,7 +67,7 @@ local interval, current, after = {}, {}, {}
 for i = 1, 3 do
   local limit, cost = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
   interval[i] = 60000 / limit
-  current[i] = math.max(tonumber(stored[i]) or 0, now)
+  current[i] = math.max(tonumber(stored[i]) or now, now)
   after[i] = current[i] + cost * interval[i]
   -- A full bucket (current == now) admits any single request, leaving it in debt.
   if mode == 'acquire' and after[i] - now > burst and current[i] > now then
@@ -90,11 +96,11 @@ if blocked == 0 and mode ~= 'peek' then
     inflight = inflight - redis.call('ZREM', KEYS[2], rid)
   end
 end
-local out = {blocked, math.ceil(wait), now, inflight}
+local out = {blocked, math.ceil(wait), now + epoch, inflight}
 for i = 1, 3 do
   local level = (burst - (math.max(state[i], now) - now)) / interval[i]
-  out[#out + 1] = math.max(0, math.floor(level + 1e-6))
-  out[#out + 1] = math.ceil(math.max(state[i], now))
+  out[#out + 1] = math.max(0, math.floor(level + 1e-3))
+  out[#out + 1] = math.ceil(math.max(state[i], now)) + epoch
 end
 return out
 """
@@ -312,6 +318,7 @@ class RateLimiter:
             limits.output_tokens_per_minute,
             cost.output_tokens,
             CONCURRENCY_RETRY_MS,
+            CLOCK_EPOCH_MS,
         ]
         try:
             async with asyncio.timeout(self.settings.rate_limit_timeout_s):

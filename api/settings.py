@@ -42,3 +42,6 @@ class ApiSettings(CoreSettings):
     liveness_check_s: float = Field(default=1.0, gt=0)
     # Anthropic's limit for Messages and Token Counting.
     max_body_bytes: int = 32 * 1024 * 1024
+    # Comma-separated models that each need a live worker for /readyz to answer 200;
+    # empty: every model in the catalogue (api/health.py).
+    ready_models: str = ""

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, false, func, or_, select
+from sqlalchemy import ColumnElement, and_, false, func, literal_column, or_, select
 from sqlalchemy.orm import Session
 
 from db.ledger import Outcome, settle_request
@@ -36,6 +36,10 @@ raise, not answer False, when it cannot tell: an unreachable Redis is not a dead
 
 # Requests settled per call; the caller loops while a call returns a full batch.
 SWEEP_BATCH = 500
+# Literals, not parameters: a prepared (generic) plan can then still prove that the partial
+# index ix_request_open (status IN ('queued','running')) covers the query, and use it.
+QUEUED = Request.status == literal_column("'queued'")
+RUNNING = Request.status == literal_column("'running'")
 
 
 @dataclass(frozen=True)
@@ -61,14 +65,12 @@ def sweep(
     clock: Any = func.now() if now is None else now
     queued_deadline = clock - timedelta(seconds=queued_timeout_s)
     running_deadline = clock - timedelta(seconds=running_timeout_s)
-    workers = session.scalars(
-        select(Request.worker).where(Request.status == "running").distinct()
-    ).all()
+    workers = session.scalars(select(Request.worker).where(RUNNING).distinct()).all()
     dead = sorted(w for w in workers if w is not None and not is_worker_alive(w))
     stuck = or_(
-        and_(Request.status == "queued", Request.created_at < queued_deadline),
+        and_(QUEUED, Request.created_at < queued_deadline),
         and_(
-            Request.status == "running",
+            RUNNING,
             or_(
                 func.coalesce(Request.started_at, Request.created_at) < running_deadline,
                 Request.worker.is_(None),
@@ -90,7 +92,7 @@ def sweep(
 def release_orphans(session: Session, worker: str, *, limit: int = SWEEP_BATCH) -> list[str]:
     """Settle as failed the requests `running` on `worker`: call it when a worker starts, so a
     process reusing a dead one's name (a restarted container) frees what that one held."""
-    orphaned = and_(Request.status == "running", Request.worker == worker)
+    orphaned = and_(RUNNING, Request.worker == worker)
     return _settle_failed(
         session, orphaned, lambda _: f"swept: worker {worker} restarted while running it", limit
     )
@@ -105,14 +107,16 @@ def _settle_failed(
     # FOR UPDATE re-checks `condition` on the newest row version, so a request settled by its
     # worker meanwhile drops out; SKIP LOCKED leaves rows another sweeper holds to it.
     rows = session.execute(
-        select(Request.id, Request.status, Request.worker)
+        select(Request.id, Request.status, Request.worker, Request.account_id)
         .where(condition)
         .order_by(Request.created_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
     settled: list[str] = []
-    for row in rows:
+    # Account rows locked in one global order: two sweepers settling requests of the same
+    # accounts can never deadlock.
+    for row in sorted(rows, key=lambda r: (r.account_id, r.id)):
         stuck = _Stuck(row.id, row.status, row.worker)
         why = reason(stuck)
         outcome = Outcome("failed", 0, Decimal(0), 0, error=why)

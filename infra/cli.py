@@ -9,6 +9,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -25,11 +26,13 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from db.settings import CoreSettings
+from infra.bench.command import register_bench
 from infra.services import EmbeddedPostgres, read_or_create_secret
 from infra.stack import Stack, StackError
 from workers.catalog import DEFAULT_MODEL_ID
 
 ADMIN_TOKEN_FILE = "admin_token"
+JWT_SECRET_FILE = "jwt_secret"
 
 console = Console()
 err_console = Console(stderr=True)
@@ -52,6 +55,13 @@ def admin_token_for(settings: UpSettings) -> tuple[str, bool]:
     generated = not path.exists()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return read_or_create_secret(path, nbytes=32), generated
+
+
+def jwt_env(settings: UpSettings) -> dict[str, str]:
+    """ABL_JWT_SECRET for the API: the operator's, else one kept under the data dir."""
+    if os.environ.get("ABL_JWT_SECRET"):
+        return {}
+    return {"ABL_JWT_SECRET": read_or_create_secret(settings.data_dir / JWT_SECRET_FILE, 32)}
 
 
 def hide_password(url: str) -> str:
@@ -153,6 +163,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         admin_token=admin_token,
         database_url=settings.database_url,
         redis_url=settings.redis_url,
+        env=jwt_env(settings),
     )
     try:
         with signals_as_interrupt():
@@ -209,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("dest", nargs="?", type=Path, help="target folder")
     build.add_argument("--force", action="store_true", help="rebuild even if present")
     build.set_defaults(func=cmd_build_model)
+    register_bench(subparsers)
     from infra import soak
 
     soak.register(subparsers)

@@ -1,7 +1,7 @@
 """Embedded PostgreSQL and Redis, used when ABL_DATABASE_URL / ABL_REDIS_URL are unset.
 
-Both servers run as direct children of the launcher (never daemonized), listen on 127.0.0.1 on a
-free port, keep their data under the data dir, need a password, and get a parent-death signal so
+Both servers run as direct children of the launcher (never daemonized), listen on 127.0.0.1 (or
+the one address given as `listen_host`) on a free port, keep their data under the data dir, need a password, and get a parent-death signal so
 that a launcher killed with SIGKILL does not leave them running.
 """
 
@@ -217,11 +217,21 @@ class _EmbeddedServer:
     stop_signals: tuple[int, ...]
 
     def __init__(
-        self, data_dir: Path, *, log_dir: Path | None = None, start_timeout: float = 60.0
+        self,
+        data_dir: Path,
+        *,
+        log_dir: Path | None = None,
+        start_timeout: float = 60.0,
+        listen_host: str = LOOPBACK,
+        clients: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.log_path = (log_dir or self.data_dir / "logs").resolve() / f"{self.name}.log"
         self.start_timeout = start_timeout
+        # The one address the server listens on, and (Postgres) the CIDR its clients come
+        # from besides loopback: for workers in other network namespaces or on other hosts.
+        self.listen_host = listen_host
+        self.clients = clients
         self.port: int | None = None
         self.url: str | None = None
         self.start_seconds: float | None = None
@@ -253,7 +263,7 @@ class _EmbeddedServer:
             preferred: int | None = int(port_file.read_text())
         except (FileNotFoundError, ValueError):
             preferred = None
-        self.port = free_port(preferred=preferred)
+        self.port = free_port(self.listen_host, preferred=preferred)
         port_file.write_text(str(self.port))
         return self.port
 
@@ -314,20 +324,29 @@ class EmbeddedPostgres(_EmbeddedServer):
         bin_dir = _pg_bin_dir(self.pgdata)
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb(bin_dir, run_as, password)
+        if self.clients:
+            self._allow_clients(self.clients)
         _stop_leftovers(self.pgdata, "postgres", self.pgdata / "postmaster.pid", signal.SIGINT)
         port = self._pick_port(self.data_dir / "postgres.port")
         argv = [str(bin_dir / "postgres"), "-D", str(self.pgdata), "-p", str(port)]
-        for setting in (f"listen_addresses={LOOPBACK}", "unix_socket_directories="):
+        for setting in (f"listen_addresses={self.listen_host}", "unix_socket_directories="):
             argv += ["-c", setting]
         argv += ["-c", "max_connections=200"]
-        admin = f"host={LOOPBACK} port={port} user={PG_SUPERUSER} password={password} "
+        admin = f"host={self.listen_host} port={port} user={PG_SUPERUSER} password={password} "
         admin += "dbname=postgres connect_timeout=2"
         self._run(argv, lambda: self._create_database(admin), env=_PG_ENV, **run_as)
         self.start_seconds = time.monotonic() - t0
-        self.url = (
-            f"postgresql+psycopg://{PG_SUPERUSER}:{password}@{LOOPBACK}:{port}/{DATABASE_NAME}"
-        )
+        host = self.listen_host
+        self.url = f"postgresql+psycopg://{PG_SUPERUSER}:{password}@{host}:{port}/{DATABASE_NAME}"
         return self.url
+
+    def _allow_clients(self, cidr: str) -> None:
+        """Password logins from `cidr` too (initdb's pg_hba.conf allows loopback only)."""
+        hba = self.pgdata / "pg_hba.conf"
+        line = f"host all all {cidr} scram-sha-256"
+        if line not in hba.read_text().splitlines():
+            with hba.open("a") as fh:
+                fh.write(line + "\n")
 
     def _run_as(self) -> dict[str, Any]:
         """As root: the unprivileged user's ids, after giving it the data. Otherwise ourselves."""
@@ -388,7 +407,7 @@ class EmbeddedRedis(_EmbeddedServer):
         _stop_leftovers(self.redis_dir, "redis-server", pid_file, signal.SIGTERM)
         port = self._pick_port(self.redis_dir / "port")
         config = [
-            f"bind {LOOPBACK}",
+            f"bind {self.listen_host}",
             f"port {port}",
             "protected-mode yes",
             "daemonize no",
@@ -404,7 +423,7 @@ class EmbeddedRedis(_EmbeddedServer):
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write("\n".join(config) + "\n")
-        url = f"redis://:{password}@{LOOPBACK}:{port}/0"
+        url = f"redis://:{password}@{self.listen_host}:{port}/0"
 
         def ping() -> None:
             with redis.Redis.from_url(url, socket_connect_timeout=2) as client:

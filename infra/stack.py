@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -18,7 +18,14 @@ from typing import Self
 
 import httpx
 
-from infra.services import EmbeddedPostgres, EmbeddedRedis, die_with_parent, free_port, log_tail
+from infra.services import (
+    LOOPBACK,
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    die_with_parent,
+    free_port,
+    log_tail,
+)
 from workers.catalog import DEFAULT_MODEL
 
 API_NAME = "api"
@@ -123,6 +130,9 @@ class Stack:
         log_dir: Path | None = None,
         ready_timeout: float = 180.0,
         stop_timeout: float = 20.0,
+        listen_host: str = LOOPBACK,
+        clients: str | None = None,
+        worker_prefix: Callable[[int], Sequence[str]] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.host = host
@@ -142,8 +152,12 @@ class Stack:
         self.api: ChildProcess | None = None
         self.workers: list[ChildProcess] = []
         # Embedded services run where no URL was given (again on a restart after stop()).
-        self._postgres = EmbeddedPostgres(self.data_dir, log_dir=self.log_dir)
-        self._redis = EmbeddedRedis(self.data_dir, log_dir=self.log_dir)
+        # `listen_host`/`clients`: where they listen and who else may log in (other hosts).
+        listen = {"log_dir": self.log_dir, "listen_host": listen_host, "clients": clients}
+        self._postgres = EmbeddedPostgres(self.data_dir, **listen)
+        self._redis = EmbeddedRedis(self.data_dir, **listen)
+        # The command that runs worker i's process in its place (`ip netns exec NS`, ssh...).
+        self.worker_prefix = worker_prefix
         self._embedded_db = database_url is None
         self._embedded_redis = redis_url is None
         self._build: ChildProcess | None = None
@@ -228,10 +242,19 @@ class Stack:
             raise IndexError(f"worker {i} would leave a gap (have {len(self.workers)})")
         if i == len(self.workers):
             name = f"worker-{i}"
-            argv = [sys.executable, "-m", "workers"]
-            self.workers.append(self._child(name, argv, {"ABL_WORKER_NAME": name}))
+            prefix = list(self.worker_prefix(i)) if self.worker_prefix else []
+            argv = [*prefix, sys.executable, "-m", "workers"]
+            self.workers.append(self._child(name, argv, self._worker_env(name)))
         self.workers[i].start()
         return self.workers[i]
+
+    def _worker_env(self, name: str) -> dict[str, str]:
+        """Its name, and a metrics port of its own unless the extra env fixes one."""
+        env = {"ABL_WORKER_NAME": name}
+        if "ABL_METRICS_PORT" not in self.extra_env:
+            host = self.extra_env.get("ABL_METRICS_HOST", LOOPBACK)
+            env |= {"ABL_METRICS_HOST": host, "ABL_METRICS_PORT": str(free_port(host))}
+        return env
 
     def kill_worker(
         self, i: int, sig: int = signal.SIGKILL, timeout: float | None = 30.0

@@ -112,6 +112,9 @@ class EngineStats:
     cancelled: int = 0
     finished: int = 0  # ended normally (end_turn, max_tokens, stop_sequence)
     failed: int = 0
+    kv_tokens: int = 0  # real tokens held in the running batch's KV cache
+    kv_padded_tokens: int = 0  # rows x width of that cache, left padding included
+    kv_capacity_tokens: int = 0  # max_batch x max_context: the most it can hold
 
 
 @dataclass
@@ -259,6 +262,9 @@ class Engine:
                     **self._stats.__dict__,
                     "active": len(self._batch.seqs),
                     "waiting": len(self._waiting),
+                    "kv_tokens": sum(self._batch.kv.lengths),
+                    "kv_padded_tokens": len(self._batch.kv) * self._batch.kv.width,
+                    "kv_capacity_tokens": self.max_batch * self.max_context,
                 }
             )
 

@@ -10,6 +10,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from decimal import Decimal
 
 import redis
@@ -19,6 +20,7 @@ from db.pricing import cost_usd, credits_for
 from db.session import transaction
 from workers.catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, load_catalog
 from workers.engine import Engine, Failed, Finished, Generation, TextChunk
+from workers.metrics import RequestTelemetry, serve_metrics
 from workers.protocol import (
     CANCEL_CHANNEL,
     DeltaEvent,
@@ -76,8 +78,15 @@ class WorkerRuntime:
         # Requests this process is running, and those it is aborting (shutdown, lost Redis).
         self._active: dict[str, str] = {}
         self._aborting: set[str] = set()
+        # Cancellations, timed for `abl bench` (wall clock): when the cancel reached this
+        # process, then when the engine's sequence had left the batch; the last 64 go out
+        # with the heartbeat as `recent_cancels`.
+        self._cancel_seen: dict[str, float] = {}
+        self.recent_cancels: deque[dict[str, object]] = deque(maxlen=64)
         self._lease_ttl = max(1, round(settings.worker_lease_s))
         self.sweeper: Sweeper | None = None
+        self.telemetry = RequestTelemetry(settings.worker_name)
+        self.metrics_port: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -92,6 +101,7 @@ class WorkerRuntime:
             engine.start()
             self.engines[model_id] = engine
             log.info("model %s loaded from %s", model_id, path)
+        self.metrics_port = serve_metrics(self.settings, self.engines)
         for target in (self._heartbeat_loop, self._cancel_loop):
             thread = threading.Thread(target=target, daemon=True, name=target.__name__)
             thread.start()
@@ -123,6 +133,7 @@ class WorkerRuntime:
                 "models": list(self.engines),
                 "active": sum(e.stats.active for e in self.engines.values()),
                 "engines": {m: dataclasses.asdict(e.stats) for m, e in self.engines.items()},
+                "recent_cancels": list(self.recent_cancels),
                 "at": time.time(),
             }
             try:
@@ -146,6 +157,8 @@ class WorkerRuntime:
                     message = pubsub.get_message(timeout=1.0)
                     if message and message["type"] == "message":
                         request_id = message["data"].decode()
+                        if request_id in self._active:
+                            self._cancel_seen[request_id] = time.time()
                         for engine in self.engines.values():
                             engine.cancel(request_id)
             except redis.RedisError as exc:
@@ -160,12 +173,14 @@ class WorkerRuntime:
             log.info("request %s already claimed or settled; skipping", job.request_id)
             return
         self._active[job.request_id] = job.model
+        self.telemetry.claimed(job.request_id)
         try:
             self.redis.set(lease_key(job.request_id), self.settings.worker_name, ex=self._lease_ttl)
             self._run_claimed(job)
         finally:
             self._active.pop(job.request_id, None)
             self._aborting.discard(job.request_id)
+            self._cancel_seen.pop(job.request_id, None)
             with contextlib.suppress(redis.RedisError):
                 self.redis.delete(lease_key(job.request_id))
 
@@ -178,10 +193,22 @@ class WorkerRuntime:
         try:
             generation = self.engines[job.model].submit(job.request_id, job.input_ids, job.sampling)
             final = self._relay(job.request_id, generation, publisher)
+            if isinstance(final, Finished) and final.cancelled:
+                self._note_cancelled(job.request_id)
         except Exception as exc:  # the engine failed: the request fails, nothing is charged
             log.exception("generation failed for %s", job.request_id)
             final = Failed(message=f"generation failed: {type(exc).__name__}")
         self._settle(job, spec, publisher, final)
+
+    def _note_cancelled(self, request_id: str) -> None:
+        """The engine's terminal event says the sequence left the batch (its KV is freed)."""
+        left = time.time()
+        seen = self._cancel_seen.get(request_id)
+        self.recent_cancels.append(
+            {"request_id": request_id, "cancel_seen_at": seen, "left_batch_at": left}
+        )
+        if seen is not None:
+            log.info("%s left the batch %.1f ms after its cancel", request_id, (left - seen) * 1e3)
 
     def abort(self, request_id: str) -> None:
         """Stop a request for the platform's own reasons: it fails and nothing is charged."""
@@ -258,6 +285,19 @@ class WorkerRuntime:
             self._publish_end(publisher, settlement, outcome, input_tokens, error_type)
         except redis.RedisError:
             log.warning("cannot publish the end of %s: Redis unreachable", job.request_id)
+        orphaned = self._orphaned(job.request_id, final, settlement)
+        self.telemetry.settled(job, outcome, settlement, orphaned=orphaned)
+
+    def _orphaned(self, request_id: str, final: Finished | Failed, settlement: Settlement) -> bool:
+        """Ran to its end for nobody: the client had cancelled, or the API had given up on it."""
+        if not isinstance(final, Finished) or final.cancelled:
+            return False
+        if settlement.already_settled:
+            return True
+        try:
+            return bool(self.redis.exists(cancel_key(request_id)))
+        except redis.RedisError:
+            return False
 
     @staticmethod
     def _publish_end(

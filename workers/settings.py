@@ -26,6 +26,10 @@ class WorkerSettings(CoreSettings):
     sweep_interval_s: float = Field(default=5.0, ge=0)
     queued_timeout_s: float = Field(default=900.0, gt=0)
     running_timeout_s: float = Field(default=3600.0, gt=0)
+    # Prometheus metrics of this worker at http://METRICS_HOST:METRICS_PORT/metrics; 0: off.
+    # Workers sharing a host (or network namespace) each need their own port.
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
 
     @property
     def models(self) -> list[str]:

@@ -1,11 +1,12 @@
 """The admin API's one credential: `Authorization: Bearer $ABL_ADMIN_TOKEN`."""
 
 import hmac
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from api.auth import credential_of, is_inference_credential
 from api.errors import AuthenticationError, PermissionDeniedError
 from api.settings import ApiSettings
 
@@ -22,6 +23,7 @@ SettingsDep = Annotated[ApiSettings, Depends(admin_settings)]
 
 
 def require_admin(
+    request: Request,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
@@ -30,9 +32,20 @@ def require_admin(
     if not expected:
         raise PermissionDeniedError("admin API disabled: set ABL_ADMIN_TOKEN")
     if credentials is None:
-        raise AuthenticationError("missing admin token: send Authorization: Bearer <token>")
+        _refuse(request, settings, "missing admin token: send Authorization: Bearer <token>")
     if not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
-        raise AuthenticationError("invalid admin token")
+        _refuse(request, settings, "invalid admin token")
+
+
+def _refuse(request: Request, settings: ApiSettings, message: str) -> NoReturn:
+    """403 for valid credentials without the right (an API key, an account JWT), else 401."""
+    try:
+        credential = credential_of(request)
+    except AuthenticationError:
+        raise AuthenticationError(message) from None
+    if is_inference_credential(settings, credential):
+        raise PermissionDeniedError("API keys and account tokens cannot use the admin API")
+    raise AuthenticationError(message)
 
 
 AdminDep = Depends(require_admin)

@@ -22,6 +22,7 @@ from api.errors import (
     api_error_for,
     request_id_of,
 )
+from api.metrics import RequestMeter
 from api.platform import Platform
 from api.relay import EventSubscription
 from api.supervision import RequestWatch
@@ -37,21 +38,32 @@ router = APIRouter()
 async def create_message(
     body: MessagesRequest, principal: PrincipalDep, platform: PlatformDep, request: Request
 ) -> object:
-    admitted = await admit(platform, principal, body, request_id_of(request))
+    meter = RequestMeter(
+        platform.catalog, principal, body.model, request_id_of(request), body.stream
+    )
+    try:
+        admitted = await admit(platform, principal, body, request_id_of(request))
+    except BaseException as exc:
+        meter.fail(exc)
+        meter.close(cancelled=True)
+        raise
     try:
         subscription = await _start(platform, admitted)
     except ApiError as exc:
+        meter.fail(exc)
+        meter.close()
         await finish(platform, admitted, None)
         exc.headers = {**admitted.headers, **exc.headers}
         raise
+    meter.queued(admitted.input_tokens)
     if body.stream:
         return StreamingResponse(
-            _stream(platform, admitted, body.model, subscription),
+            _stream(platform, admitted, body.model, subscription, meter),
             media_type="text/event-stream; charset=utf-8",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no", **admitted.headers},
         )
     try:
-        response = await _complete(platform, admitted, body.model, request, subscription)
+        response = await _complete(platform, admitted, body.model, request, subscription, meter)
     except ApiError as exc:
         exc.headers = {**admitted.headers, **exc.headers}
         raise
@@ -80,6 +92,7 @@ async def _complete(
     model: str,
     request: Request,
     subscription: EventSubscription,
+    meter: RequestMeter,
 ) -> Response:
     deadline = time.monotonic() + platform.settings.request_timeout_s
     watch = RequestWatch(platform, admitted.request_id, subscription)
@@ -97,10 +110,12 @@ async def _complete(
                     return Response(status_code=CLIENT_CLOSED_REQUEST)
                 continue
             if isinstance(event, DeltaEvent):
+                meter.delta(event)
                 text.append(event.text)
                 continue
             finished = True
             if isinstance(event, DoneEvent):
+                meter.done(event)
                 produced = event.output_tokens
                 if event.status == "cancelled":
                     raise OverloadedError("the request was stopped by its worker; retry it")
@@ -109,17 +124,25 @@ async def _complete(
                 )
                 return JSONResponse(response.model_dump(mode="json"))
             raise api_error_for(event.error_type, event.message)
+    except ApiError as exc:
+        meter.fail(exc)
+        raise
     finally:
         # Before any await: a client that went away cancels this task, and under anyio's
         # cancellation every later await raises again, skipping the rest of this block.
         if not finished:
             platform.cancel_soon(admitted.request_id)
+        meter.close(cancelled=not finished)
         platform.spawn(finish(platform, admitted, produced))
         await subscription.__aexit__(None, None, None)
 
 
 async def _stream(
-    platform: Platform, admitted: Admitted, model: str, subscription: EventSubscription
+    platform: Platform,
+    admitted: Admitted,
+    model: str,
+    subscription: EventSubscription,
+    meter: RequestMeter,
 ) -> AsyncIterator[bytes]:
     deadline = time.monotonic() + platform.settings.request_timeout_s
     watch = RequestWatch(platform, admitted.request_id, subscription)
@@ -137,9 +160,11 @@ async def _stream(
             if event is None:
                 yield sse.ping()
             elif isinstance(event, DeltaEvent):
+                meter.delta(event)
                 yield sse.text_delta(0, event.text)
             elif isinstance(event, DoneEvent):
                 finished = True
+                meter.done(event)
                 produced = event.output_tokens
                 if event.status == "cancelled":
                     raise OverloadedError("the request was stopped by its worker; retry it")
@@ -149,15 +174,18 @@ async def _stream(
                 return
             else:
                 finished = True
+                meter.fail(event.error_type)
                 yield sse.error_event(event.error_type, event.message)
                 return
     except ApiError as exc:
+        meter.fail(exc)
         yield sse.error_event(exc.error_type, exc.message)
     finally:
         # Before any await: a client that went away cancels this task, and under anyio's
         # cancellation every later await raises again, skipping the rest of this block.
         if not finished:
             platform.cancel_soon(admitted.request_id)
+        meter.close(cancelled=not finished)
         platform.spawn(finish(platform, admitted, produced))
         await subscription.__aexit__(None, None, None)
 

@@ -1,0 +1,1 @@
+"""`abl bench`: the serving benchmark (HTTP load, in-process baselines, cancellation)."""

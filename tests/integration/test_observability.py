@@ -1,0 +1,216 @@
+"""Metrics, request logs and readiness on the session's stack: what an operator sees."""
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from infra.stack import Stack
+from tests.conftest import AccountFactory, ApiAccount
+from tests.scrape import Samples, scrape
+
+pytestmark = pytest.mark.integration
+
+MODEL = "abliterated-model"
+BODY = {
+    "model": MODEL,
+    "max_tokens": 16,
+    "temperature": 0,
+    "messages": [{"role": "user", "content": "Hi"}],
+}
+LONG = {
+    **BODY,
+    "max_tokens": 1000,
+    "stream": True,
+    "messages": [{"role": "user", "content": "Write a very long story."}],
+}
+
+
+def api_metrics(stack: Stack) -> Samples:
+    return scrape(f"{stack.base_url}/metrics")
+
+
+def worker_metrics(stack: Stack, i: int = 0) -> Samples:
+    env = stack.workers[i].env
+    return scrape(f"http://{env['ABL_METRICS_HOST']}:{env['ABL_METRICS_PORT']}/metrics")
+
+
+def sse(response: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
+    events, name = [], None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: ") and name:
+            events.append((name, json.loads(line[6:])))
+    return events
+
+
+def request_lines(log_path: Path, request_id: str) -> list[dict[str, Any]]:
+    lines = []
+    for raw in log_path.read_text(errors="replace").splitlines():
+        if raw.startswith("{") and request_id in raw:
+            record = json.loads(raw)
+            if record.get("logger") == "abl.requests" and record["request_id"] == request_id:
+                lines.append(record)
+    return lines
+
+
+def wait_for(predicate: Any, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def test_requests_tokens_credits_and_latency_are_counted(stack: Stack, http: httpx.Client) -> None:
+    before = api_metrics(stack)
+    plain = http.post("/v1/messages", json=BODY)
+    assert plain.status_code == 200, plain.text
+    with http.stream("POST", "/v1/messages", json={**BODY, "stream": True}) as streamed:
+        assert streamed.status_code == 200
+        events = sse(streamed)
+    after = api_metrics(stack)
+
+    final = next(d for n, d in events if n == "message_delta")
+    start = next(d for n, d in events if n == "message_start")["message"]
+    deltas = sum(1 for n, _ in events if n == "content_block_delta")
+    usage = plain.json()["usage"]
+    labels = {"model": MODEL}
+    ok = {"model": MODEL, "status": "succeeded", "error_type": ""}
+    assert after.get("abl_requests_total", **ok) - before.get("abl_requests_total", **ok) == 2
+    inputs = usage["input_tokens"] + start["usage"]["input_tokens"]
+    outputs = usage["output_tokens"] + final["usage"]["output_tokens"]
+    credits = plain.json()["estimated_credits_used"] + final["estimated_credits_used"]
+    for name, expected in [
+        ("abl_input_tokens_total", inputs),
+        ("abl_output_tokens_total", outputs),
+        ("abl_credits_charged_total", credits),
+        ("abl_time_to_first_token_seconds_count", 2),
+    ]:
+        assert after.get(name, **labels) - before.get(name, **labels) == expected, name
+    itl = after.get("abl_inter_token_latency_seconds_count", **labels) - before.get(
+        "abl_inter_token_latency_seconds_count", **labels
+    )
+    # Every delta after a request's first adds at least one observation; never more than tokens.
+    assert deltas - 1 <= itl <= outputs
+    route = {"route": "/v1/messages", "code": "200"}
+    assert (
+        after.get("abl_http_responses_total", **route)
+        - before.get("abl_http_responses_total", **route)
+        == 2
+    )
+    assert after.get("abl_live_workers", **labels) == len(stack.workers)
+    assert ("abl_queue_depth", (("model", MODEL),)) in after.values
+
+
+def test_refusals_are_counted_by_error_type(stack: Stack, make_account: AccountFactory) -> None:
+    limited = make_account(rate_limits={"requests_per_minute": 1})
+    broke = make_account(credits=0)
+    before = api_metrics(stack)
+
+    def post(account: ApiAccount, body: dict[str, Any]) -> int:
+        headers = {"x-api-key": account.key}
+        return httpx.post(
+            f"{stack.base_url}/v1/messages", json=body, headers=headers, timeout=60
+        ).status_code
+
+    assert post(broke, {**BODY, "model": "no-such-model"}) == 404
+    assert post(broke, BODY) == 402
+    assert post(limited, BODY) == 200
+    assert post(limited, BODY) == 429
+    after = api_metrics(stack)
+
+    def grew(name: str, **labels: str) -> float:
+        return after.get(name, **labels) - before.get(name, **labels)
+
+    rejected = {"status": "rejected"}
+    assert (
+        grew("abl_requests_total", model="unknown", error_type="not_found_error", **rejected) == 1
+    )
+    assert grew("abl_requests_total", model=MODEL, error_type="billing_error", **rejected) == 1
+    assert grew("abl_requests_total", model=MODEL, error_type="rate_limit_error", **rejected) == 1
+    assert grew("abl_rate_limit_rejections_total", model=MODEL) == 1
+
+
+def test_worker_metrics_show_the_batch_and_cancellations(stack: Stack, http: httpx.Client) -> None:
+    idle = worker_metrics(stack)
+    labels = {"model": MODEL}
+    assert idle.get("abl_worker_info", worker="worker-0") == 1
+    assert idle.get("abl_worker_kv_cache_capacity_tokens", **labels) > 0
+    before_api = api_metrics(stack)
+    with http.stream("POST", "/v1/messages", json=LONG) as response:
+        assert response.status_code == 200
+        # Held, not dropped: closing this iterator would close the connection at once.
+        lines = response.iter_lines()
+        while not next(lines).startswith("event: content_block_delta"):
+            pass
+        busy = worker_metrics(stack)
+    # Leaving the block closed the stream: the API cancels the request.
+    assert busy.get("abl_worker_batch_size", **labels) >= 1
+    assert busy.get("abl_worker_kv_cache_tokens", **labels) > 0
+    assert 0 < busy.get("abl_worker_kv_cache_usage_ratio", **labels) <= 1
+    assert busy.get("abl_worker_generated_tokens_total", **labels) > idle.get(
+        "abl_worker_generated_tokens_total", **labels
+    )
+    cancelled = {"model": MODEL, "outcome": "cancelled"}
+    wait_for(
+        lambda: (
+            worker_metrics(stack).get("abl_worker_generations_total", **cancelled)
+            > idle.get("abl_worker_generations_total", **cancelled)
+        )
+    )
+    after = wait_for(
+        lambda: (s := worker_metrics(stack)).get("abl_worker_batch_size", **labels) == 0 and s
+    )
+    assert after.get("abl_worker_kv_cache_tokens", **labels) == 0
+    assert after.get("abl_worker_requests_total", model=MODEL, status="cancelled") > idle.get(
+        "abl_worker_requests_total", model=MODEL, status="cancelled"
+    )
+    api_after = api_metrics(stack)
+    assert (
+        api_after.get("abl_cancelled_requests_total", **labels)
+        - before_api.get("abl_cancelled_requests_total", **labels)
+        == 1
+    )
+
+
+def test_one_json_line_per_request_in_api_and_worker(stack: Stack, http: httpx.Client) -> None:
+    response = http.post("/v1/messages", json=BODY)
+    assert response.status_code == 200
+    request_id = response.headers["request-id"]
+    body = response.json()
+    api_lines = wait_for(lambda: request_lines(stack.log_dir / "api.log", request_id))
+    worker_lines = wait_for(lambda: request_lines(stack.log_dir / "worker-0.log", request_id))
+    assert len(api_lines) == 1 and len(worker_lines) == 1
+    api, worker = api_lines[0], worker_lines[0]
+    assert api["account_id"].startswith("acct_")
+    assert api["key_prefix"] and http.headers["x-api-key"].startswith(api["key_prefix"])
+    assert (api["model"], api["status"], api["error_type"]) == (MODEL, "succeeded", None)
+    assert api["input_tokens"] == body["usage"]["input_tokens"]
+    assert api["output_tokens"] == body["usage"]["output_tokens"]
+    assert api["credits"] == body["estimated_credits_used"]
+    assert api["latency_s"] >= api["ttft_s"] > 0
+    assert (worker["worker"], worker["status"], worker["orphaned"]) == (
+        "worker-0",
+        "succeeded",
+        False,
+    )
+    assert (worker["output_tokens"], worker["credits"]) == (api["output_tokens"], api["credits"])
+    assert worker["latency_s"] > 0
+
+
+def test_readyz_names_each_required_model(stack: Stack) -> None:
+    response = httpx.get(f"{stack.base_url}/readyz", timeout=10)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["ready"] is True and body["failed"] == []
+    workers = body["checks"]["workers"]
+    assert workers["required"] == [MODEL] and workers["missing"] == []
+    assert workers["by_model"][MODEL] == len(stack.workers)
+    assert body["checks"]["database"]["ok"] and body["checks"]["redis"]["ok"]
