@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install up test lint fmt bench bench-usage soak
+.PHONY: install up test lint fmt bench bench-usage soak fuzz
 
 install: $(STAMP)
 
@@ -42,3 +42,10 @@ bench-usage: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/abl soak $(SOAK_ARGS)
+
+# Schemathesis against a fresh stack's OpenAPI document: ~4800 generated requests (valid and
+# invalid) to every /v1 operation, none may get a 5xx. `make test` runs ~200 of them.
+FUZZ_EXAMPLES ?= 600
+fuzz: $(STAMP)
+	ABL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -o timeout=3600 \
+		tests/integration/test_fuzz.py $(PYTEST_ARGS)

@@ -13,17 +13,21 @@ class ApiSettings(CoreSettings):
     admin_token: SecretStr | None = None
     # HS256 secret for JWTs minted by /admin/accounts/{id}/tokens and accepted as Bearer.
     jwt_secret: SecretStr | None = None
-    # RS256 JWTs from an identity provider: its PEM public key, or a JWKS file (keys by `kid`).
+    # PEM public key that verifies RS256 JWTs from an identity provider.
     jwt_public_key_file: Path | None = None
+    # JWKS file that verifies RS256 JWTs by `kid` (wins over the PEM key; re-read on change).
     jwks_file: Path | None = None
-    # Checked (and required in the token) when set; "" turns the issuer check off.
+    # `iss` JWTs must carry; "" turns the issuer check off.
     jwt_issuer: str = "abl"
+    # `aud` JWTs must carry; unset: tokens that carry an `aud` are refused.
     jwt_audience: str | None = None
-    # Rate limits of keys whose key and account configure none (per minute, and in flight):
-    # generous, so that only runaway clients meet them. ABL_DEFAULT_REQUESTS_PER_MINUTE, ...
+    # Requests per minute of a key when neither it nor its account sets one (docs/access.md).
     default_requests_per_minute: int = Field(default=6_000, gt=0)
+    # Input tokens per minute of a key when neither it nor its account sets one.
     default_input_tokens_per_minute: int = Field(default=4_000_000, gt=0)
+    # Output tokens (max_tokens until a request ends) per minute of a key by default.
     default_output_tokens_per_minute: int = Field(default=1_000_000, gt=0)
+    # Requests in flight at once per key by default.
     default_concurrent_requests: int = Field(default=512, gt=0)
     # Seconds of its per-minute rate a full bucket holds: 60 lets a whole minute's limit arrive
     # at once (Anthropic's token bucket); 1 enforces 60 requests/min as one per second.

@@ -10,7 +10,18 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Date, Select, cast, delete, func, literal_column, select, text
+from sqlalchemy import (
+    BigInteger,
+    Date,
+    Select,
+    Table,
+    cast,
+    delete,
+    func,
+    literal_column,
+    select,
+    text,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -40,6 +51,15 @@ class SettledUsage:
     cost_usd: Decimal
 
 
+_DAILY: Table = DailyUsage.__table__  # type: ignore[assignment]
+_NEW_ROW = insert(_DAILY)
+# Built once, like the settlement's other statements (db/ledger.py says why).
+_ADD_TO_DAY = _NEW_ROW.on_conflict_do_update(
+    index_elements=[_DAILY.c.day, _DAILY.c.account_id, _DAILY.c.api_key_id, _DAILY.c.model],
+    set_={name: _DAILY.c[name] + _NEW_ROW.excluded[name] for name in ROLLUP_METRICS},
+)
+
+
 def record_usage(session: Session, usage: SettledUsage) -> None:
     """Add one settled request to its day's row (upsert). Call it in the settlement's
     transaction, after the request's status moved: that is what makes it exactly once."""
@@ -54,19 +74,7 @@ def record_usage(session: Session, usage: SettledUsage) -> None:
         "credits_charged": usage.credits_charged,
         "cost_usd": usage.cost_usd,
     }
-    upsert = insert(DailyUsage).values(row)
-    added = {name: getattr(DailyUsage, name) + upsert.excluded[name] for name in ROLLUP_METRICS}
-    session.execute(
-        upsert.on_conflict_do_update(
-            index_elements=[
-                DailyUsage.day,
-                DailyUsage.account_id,
-                DailyUsage.api_key_id,
-                DailyUsage.model,
-            ],
-            set_=added,
-        )
-    )
+    session.execute(_ADD_TO_DAY, row)
 
 
 def _day_of_request() -> Any:

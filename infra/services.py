@@ -1,8 +1,9 @@
 """Embedded PostgreSQL and Redis, used when ABL_DATABASE_URL / ABL_REDIS_URL are unset.
 
 Both servers run as direct children of the launcher (never daemonized), listen on 127.0.0.1 (or
-the one address given as `listen_host`) on a free port, keep their data under the data dir, need a password, and get a parent-death signal so
-that a launcher killed with SIGKILL does not leave them running.
+the one address given as `listen_host`) on a free port, keep their data under the data dir, need
+a password, and get a parent-death signal so that a launcher killed with SIGKILL does not leave
+them running.
 """
 
 import contextlib

@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -160,9 +160,13 @@ class Engine:
         self.max_batch = max_batch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":
-            # torch defaults to every physical core; a container may be allowed fewer.
+            # torch defaults to every physical core; a container may be allowed fewer. One core
+            # is left to the rest of the process and to whatever runs beside it (the API,
+            # Redis, Postgres): OpenMP threads that lose their core to another process stall
+            # each other at every op (docs/benchmarks.md: 2 threads on 2 shared cores served
+            # a tenth of what 1 thread did).
             allowed = len(os.sched_getaffinity(0))
-            torch.set_num_threads(num_threads or min(torch.get_num_threads(), allowed))
+            torch.set_num_threads(num_threads or max(1, min(torch.get_num_threads(), allowed - 1)))
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         self.model.to(self.device).eval()
@@ -184,6 +188,8 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._cancel: set[str] = set()
         self._live: dict[str, _Sequence] = {}  # waiting or active, by request id
+        # Called on the stepping thread when new events are out (workers.pump.DeltaPump).
+        self.on_events: Callable[[], None] | None = None
         self._batch = _Batch()
         # Terminal events of this step, published once the batch no longer holds them.
         self._finals: list[tuple[_Sequence, Event]] = []
@@ -305,6 +311,8 @@ class Engine:
     def _step(self, cancels: set[str], admitted: list[_Sequence]) -> None:
         self._drop_cancelled(cancels)
         self._prefill(admitted)
+        if admitted:
+            self._notify()  # first tokens go out now, not after the decode step
         if self._batch.seqs:
             self._decode_step()
 
@@ -450,6 +458,11 @@ class Engine:
                     self._stats.finished += 1
         for seq, event in finals:
             seq.generation._put(event)
+        self._notify()
+
+    def _notify(self) -> None:
+        if self.on_events is not None:
+            self.on_events()
 
 
 def _ids(value: object) -> list[int]:

@@ -19,7 +19,7 @@ from db.ledger import Outcome, Settlement, claim_request, settle_request
 from db.pricing import cost_usd, credits_for
 from db.session import transaction
 from workers.catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, load_catalog
-from workers.engine import Engine, Failed, Finished, Generation, TextChunk
+from workers.engine import Engine, Failed, Finished, Generation
 from workers.metrics import RequestTelemetry, serve_metrics
 from workers.protocol import (
     CANCEL_CHANNEL,
@@ -31,6 +31,7 @@ from workers.protocol import (
     events_channel,
     lease_key,
 )
+from workers.pump import DeltaPump
 from workers.settings import WorkerSettings
 from workers.sweeper import Sweeper
 
@@ -51,8 +52,11 @@ class Publisher:
         self._channel = events_channel(request_id)
         self.seq = 0
 
-    def delta(self, text: str, output_tokens: int) -> None:
-        self._send(DeltaEvent(seq=self.seq, text=text, output_tokens=output_tokens))
+    def delta(
+        self, text: str, output_tokens: int, via: "redis.client.Pipeline | None" = None
+    ) -> None:
+        """Publishes now, or queues on `via` (a pipeline the caller executes)."""
+        self._send(DeltaEvent(seq=self.seq, text=text, output_tokens=output_tokens), via)
 
     def done(self, event_fields: dict[str, object]) -> None:
         self._send(DoneEvent(seq=self.seq, **event_fields))  # type: ignore[arg-type]
@@ -60,8 +64,12 @@ class Publisher:
     def error(self, error_type: str, message: str) -> None:
         self._send(ErrorEvent(seq=self.seq, error_type=error_type, message=message))
 
-    def _send(self, event: DeltaEvent | DoneEvent | ErrorEvent) -> None:
-        self._client.publish(self._channel, event.model_dump_json())
+    def _send(
+        self,
+        event: DeltaEvent | DoneEvent | ErrorEvent,
+        via: "redis.client.Pipeline | None" = None,
+    ) -> None:
+        (via if via is not None else self._client).publish(self._channel, event.model_dump_json())
         self.seq += 1
 
 
@@ -85,6 +93,13 @@ class WorkerRuntime:
         self.recent_cancels: deque[dict[str, object]] = deque(maxlen=64)
         self._lease_ttl = max(1, round(settings.worker_lease_s))
         self.sweeper: Sweeper | None = None
+        # One thread publishes every request's text, once per engine step (workers/pump.py).
+        self.pump = DeltaPump(
+            self.redis,
+            muted=self._aborting.__contains__,
+            on_publish_error=self._unpublishable,
+            min_interval_s=settings.delta_interval_ms / 1000,
+        )
         self.telemetry = RequestTelemetry(settings.worker_name)
         self.metrics_port: int | None = None
 
@@ -97,10 +112,14 @@ class WorkerRuntime:
                 from workers.model_build import build_default_model
 
                 build_default_model(path)
-            engine = Engine.load(path, max_batch=self.settings.max_batch)
+            engine = Engine.load(
+                path, max_batch=self.settings.max_batch, num_threads=self.settings.torch_threads
+            )
+            engine.on_events = self.pump.notify
             engine.start()
             self.engines[model_id] = engine
             log.info("model %s loaded from %s", model_id, path)
+        self.pump.start()
         self.metrics_port = serve_metrics(self.settings, self.engines)
         for target in (self._heartbeat_loop, self._cancel_loop):
             thread = threading.Thread(target=target, daemon=True, name=target.__name__)
@@ -117,6 +136,7 @@ class WorkerRuntime:
         self.redis.delete(heartbeat_key(self.settings.worker_name))
         for engine in self.engines.values():
             engine.stop()
+        self.pump.stop()
 
     def _spec(self, model_id: str) -> ModelSpec:
         spec = self.catalog.get(model_id)
@@ -167,16 +187,26 @@ class WorkerRuntime:
 
     # -- one request -----------------------------------------------------------------------
     def run(self, job: GenerateJob) -> None:
-        with transaction(self.database_url) as session:
-            claimed = claim_request(session, job.request_id, self.settings.worker_name)
+        # The prefill runs while the claim commits; nothing is published unless it succeeds.
+        early = self._submit_early(job)
+        try:
+            with transaction(self.database_url) as session:
+                claimed = claim_request(session, job.request_id, self.settings.worker_name)
+        except BaseException:
+            self._drop_early(job, early)
+            raise
         if not claimed:
+            self._drop_early(job, early)
             log.info("request %s already claimed or settled; skipping", job.request_id)
             return
         self._active[job.request_id] = job.model
         self.telemetry.claimed(job.request_id)
         try:
-            self.redis.set(lease_key(job.request_id), self.settings.worker_name, ex=self._lease_ttl)
-            self._run_claimed(job)
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(lease_key(job.request_id), self.settings.worker_name, ex=self._lease_ttl)
+                pipe.exists(cancel_key(job.request_id))
+                cancelled = bool(pipe.execute()[1])
+            self._run_claimed(job, early, cancelled)
         finally:
             self._active.pop(job.request_id, None)
             self._aborting.discard(job.request_id)
@@ -184,15 +214,33 @@ class WorkerRuntime:
             with contextlib.suppress(redis.RedisError):
                 self.redis.delete(lease_key(job.request_id))
 
-    def _run_claimed(self, job: GenerateJob) -> None:
+    def _submit_early(self, job: GenerateJob) -> Generation | None:
+        """Starts generating before the claim; None where the engine refuses the request
+        (a redelivered task whose request still runs here) or serves no such model."""
+        engine = self.engines.get(job.model)
+        if engine is None:
+            return None
+        try:
+            return engine.submit(job.request_id, job.input_ids, job.sampling)
+        except ValueError:
+            return None
+
+    def _drop_early(self, job: GenerateJob, early: Generation | None) -> None:
+        if early is not None:
+            self.engines[job.model].cancel(job.request_id)
+
+    def _run_claimed(self, job: GenerateJob, early: Generation | None, cancelled: bool) -> None:
         publisher = Publisher(self.redis, job.request_id)
         spec = self._spec(job.model)
-        if self.redis.exists(cancel_key(job.request_id)):
+        if cancelled:
+            self._drop_early(job, early)
             self._settle(job, spec, publisher, Finished(None, None, 0, cancelled=True))
             return
         try:
-            generation = self.engines[job.model].submit(job.request_id, job.input_ids, job.sampling)
-            final = self._relay(job.request_id, generation, publisher)
+            generation = early or self.engines[job.model].submit(
+                job.request_id, job.input_ids, job.sampling
+            )
+            final = self.pump.watch(generation, publisher)
             if isinstance(final, Finished) and final.cancelled:
                 self._note_cancelled(job.request_id)
         except Exception as exc:  # the engine failed: the request fails, nothing is charged
@@ -229,30 +277,9 @@ class WorkerRuntime:
         timer.daemon = True
         timer.start()
 
-    def _relay(
-        self, request_id: str, generation: Generation, publisher: Publisher
-    ) -> Finished | Failed:
-        """Publish text as it comes, coalescing whatever queued up meanwhile."""
-        while True:
-            first = generation.get(timeout=None)
-            batch = [first, *generation.drain()]
-            text, tokens = "", 0
-            final: Finished | Failed | None = None
-            for event in batch:
-                if isinstance(event, TextChunk):
-                    text += event.text
-                    tokens = event.output_tokens
-                elif event is not None:
-                    final = event
-                    break
-            if text and request_id not in self._aborting:
-                try:
-                    publisher.delta(text, tokens)
-                except redis.RedisError:
-                    log.warning("cannot publish %s: Redis unreachable; aborting", request_id)
-                    self.abort(request_id)
-            if final is not None:
-                return final
+    def _unpublishable(self, request_id: str) -> None:
+        log.warning("cannot publish %s: Redis unreachable; aborting", request_id)
+        self.abort(request_id)
 
     def _settle(
         self, job: GenerateJob, spec: ModelSpec, publisher: Publisher, final: Finished | Failed

@@ -16,8 +16,13 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
+# Below this, logits / temperature overflows float32 (and inf - inf is nan): treat it as greedy,
+# which is what such a temperature means anyway.
+MIN_SAMPLING_TEMPERATURE = 1e-4
+
+
 def is_greedy(params: SamplingParams) -> bool:
-    return params.temperature == 0.0
+    return params.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

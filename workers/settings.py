@@ -15,6 +15,11 @@ class WorkerSettings(CoreSettings):
     worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     # Sequences decoded together; also the Celery thread-pool size.
     max_batch: int = Field(default=16, ge=1)
+    # torch threads of each engine on CPU; unset: one fewer than the cores this process may use.
+    torch_threads: int | None = Field(default=None, ge=1)
+    # Least time between two text deltas of one request; its first text goes out at once.
+    # Fewer, larger messages through Redis, the API and SSE (workers/pump.py). 0: every step.
+    delta_interval_ms: float = Field(default=20.0, ge=0)
     # Seconds between liveness heartbeats in Redis (their TTL is three times this).
     heartbeat_s: float = Field(default=2.0, gt=0)
     # After SIGTERM, how long running requests may go on before they are aborted.

@@ -178,7 +178,7 @@ async def _give_back(
     try:
         return (await limiter.release(ticket, ticket.cost)).headers()
     except ApiError:
-        log.warning("could not give back %s's rate-limit claim; its lease will", ticket.request_id)
+        log.warning("could not give back %s's rate-limit claim", ticket.request_id)
         return headers
 
 

@@ -19,8 +19,11 @@ from workers.protocol import SamplingParams
 class Baselines:
     """One in-process engine on the model the platform serves, fed the platform's prompt."""
 
-    def __init__(self, model_path: Path, prompt: str, max_batch: int) -> None:
-        self.engine = Engine.load(Path(model_path), max_batch=max_batch)
+    def __init__(
+        self, model_path: Path, prompt: str, max_batch: int, num_threads: int | None
+    ) -> None:
+        # The worker's torch threads: the same engine policy, or the same explicit number.
+        self.engine = Engine.load(Path(model_path), max_batch=max_batch, num_threads=num_threads)
         renderer = self.engine.renderer
         # Rendered and tokenized exactly as the API does for one user message, no system.
         self.prompt_ids: list[int] = renderer.encode(renderer.render(None, [("user", prompt)]))

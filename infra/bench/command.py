@@ -39,7 +39,9 @@ def register_bench(subparsers: Any) -> None:
     bench.add_argument("--repeat", type=int, default=1, help="repeat the phases N times")
     bench.add_argument("--workers", type=int, default=1, help="workers of the own stack")
     bench.add_argument(
-        "--worker-threads", type=int, help="torch threads per worker (OMP_NUM_THREADS)"
+        "--worker-threads",
+        type=int,
+        help="torch threads per worker and baseline engine (default: the engine's policy)",
     )
     mode = bench.add_mutually_exclusive_group()
     mode.add_argument("--cancel", action="store_true", help="only the cancellation phase")

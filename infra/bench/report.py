@@ -31,15 +31,16 @@ def _fmt(value: Any) -> str:
 
 def phase_table(run: dict[str, Any], title: str) -> Table:
     table = Table(title=title)
-    for name in ("phase", "tok/s", "req/s", "TTFT p50/p99 ms", "ITL p50/p99 ms"):
+    columns = ("phase", "tok/s", "req/s", "TTFT p50/p99", "ITL p50/p99", "TPOT p50", "E2E p50/p99")
+    for name in columns:
         table.add_column(name, justify="left" if name == "phase" else "right")
-    table.add_column("E2E p50/p99 ms", justify="right")
     table.add_column("failed", justify="right")
     seq = run["sequential"]
     table.add_row(
         "sequential model.generate",
         _fmt(seq["output_tokens_per_s"]),
         _fmt(seq["requests_per_s"]),
+        "",
         "",
         "",
         "",
@@ -55,6 +56,7 @@ def phase_table(run: dict[str, Any], title: str) -> Table:
                 _fmt(s["requests_per_s"]),
                 f"{_fmt(s['ttft_ms_p50'])} / {_fmt(s['ttft_ms_p99'])}",
                 f"{_fmt(s['itl_ms_p50'])} / {_fmt(s['itl_ms_p99'])}",
+                _fmt(s["tpot_ms_p50"]),
                 f"{_fmt(s['e2e_ms_p50'])} / {_fmt(s['e2e_ms_p99'])}",
                 _fmt(s["failed"]),
             )
@@ -129,12 +131,11 @@ def cancel_table(cancel: dict[str, Any]) -> Table:
 def print_report(result: dict[str, Any], console: Console) -> None:
     throughput = result.get("throughput")
     if throughput:
+        tokens = result["config"]["max_tokens"]
         for i, run in enumerate(throughput["runs"]):
-            console.print(
-                phase_table(
-                    run, f"repeat {i + 1}: {result['config']['max_tokens']} tokens per request"
-                )
-            )
+            load = f"load average {run['load_avg_1m_before']} -> {run['load_avg_1m_after']}"
+            title = f"repeat {i + 1}: max {tokens} tokens per request, ms; {load}"
+            console.print(phase_table(run, title))
         console.print(targets_table(throughput))
     if result.get("cancel"):
         console.print(cancel_table(result["cancel"]))

@@ -32,7 +32,7 @@ class BenchConfig:
     max_tokens: int = 64
     repeat: int = 1
     workers: int = 1
-    worker_threads: int | None = None  # torch threads per worker (OMP_NUM_THREADS)
+    worker_threads: int | None = None  # torch threads per worker (ABL_TORCH_THREADS)
     throughput: bool = True
     cancel: bool = True
     cancel_streams: int = 16
@@ -87,7 +87,7 @@ def platform(config: BenchConfig) -> Iterator[Running]:
     # A fast heartbeat: the cancellation phase reads the workers' recent cancels from it.
     env = {"ABL_HEARTBEAT_S": "0.2", "ABL_MAX_BATCH": str(MAX_BATCH)}
     if config.worker_threads:
-        env["OMP_NUM_THREADS"] = str(config.worker_threads)
+        env["ABL_TORCH_THREADS"] = str(config.worker_threads)
     with tempfile.TemporaryDirectory(prefix="abl-bench-") as tmp:
         stack = Stack(Path(tmp), workers=config.workers, env=env)
         with stack:
@@ -114,7 +114,8 @@ def _one_repeat(
 ) -> dict[str, Any]:
     rpc, max_tokens = config.requests_per_client, config.max_tokens
     body = message_body(config.model, config.prompt, max_tokens)
-    out: dict[str, Any] = {"levels": {}}
+    # Other work on the host skews every figure: say how busy it was.
+    out: dict[str, Any] = {"load_avg_1m_before": round(os.getloadavg()[0], 2), "levels": {}}
     task = progress.add_task("sequential generate", total=None)
     out["sequential"] = baselines.sequential(max(8, rpc), max_tokens)
     progress.update(task, total=1, completed=1)
@@ -133,6 +134,7 @@ def _one_repeat(
         )
         out["levels"][str(c)] = level
     out["ratios"] = ratios(out, config.concurrency)
+    out["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     return out
 
 
@@ -159,7 +161,7 @@ def _throughput(config: BenchConfig, running: Running, progress: Progress) -> di
     from infra.bench.baselines import Baselines  # torch: only now
 
     warm = progress.add_task("loading the baseline engine and warming up", total=None)
-    baselines = Baselines(running.model_path, config.prompt, MAX_BATCH)
+    baselines = Baselines(running.model_path, config.prompt, MAX_BATCH, config.worker_threads)
     try:
         reference = baselines.generate_once(config.max_tokens).text
         baselines.clients(max(config.concurrency), 1, 8)

@@ -96,7 +96,8 @@ def test_an_api_key_is_not_an_admin_token(stack: Any, admin: httpx.Client) -> No
     response = httpx.get(
         f"{stack.base_url}/admin/accounts", headers={"Authorization": f"Bearer {key}"}
     )
-    _error(response, 401, "authentication_error")
+    # Valid credentials without the right: 403 (issue 4), not 401.
+    _error(response, 403, "permission_error")
 
 
 # ---- accounts ----------------------------------------------------------------------------

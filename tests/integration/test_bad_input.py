@@ -235,7 +235,13 @@ def _raw_request(stack: Stack, head: bytes, body_parts: list[bytes]) -> tuple[by
         for part in body_parts:
             sock.sendall(part)
         answer = sock.recv(65536)
-        return answer, time.monotonic() - started
+        seconds = time.monotonic() - started
+        try:
+            while chunk := sock.recv(65536):  # the rest, up to the server's close
+                answer += chunk
+        except ConnectionResetError:
+            pass  # closing with our unread upload still queued resets the connection
+        return answer, seconds
 
 
 def test_413_comes_before_the_body_is_read(stack: Stack, account: ApiAccount) -> None:
@@ -253,4 +259,4 @@ def test_413_comes_before_the_body_is_read(stack: Stack, account: ApiAccount) ->
     chunked = common + b"transfer-encoding: chunked\r\n\r\n"
     answer, _ = _raw_request(stack, chunked, [chunk] * 33)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
-    assert b"request_too_large" in answer
+    assert b"\r\nconnection: close\r\n" in answer

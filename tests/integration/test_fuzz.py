@@ -1,6 +1,6 @@
 """Schemathesis against the OpenAPI document the stack serves: valid and invalid requests to every
 /v1 operation, with a valid API key. No answer may be a 5xx or a 422, and every error must be
-Anthropic's envelope. `make fuzz` runs the same with ABL_FUZZ_EXAMPLES=500 (about 5000
+Anthropic's envelope. `make fuzz` runs the same with ABL_FUZZ_EXAMPLES=600 (about 4800
 requests); the default suite runs about 200.
 """
 
@@ -15,10 +15,11 @@ from schemathesis import GenerationMode
 from infra.stack import Stack
 from tests.conftest import AccountFactory
 
-# Per operation and mode (valid / invalid data): 5 operations x 2 modes x 20 = 200 requests.
-EXAMPLES = int(os.environ.get("ABL_FUZZ_EXAMPLES", "20"))
+# Per operation and mode (valid / invalid data): 8 runs x 25 = 200 requests.
+EXAMPLES = int(os.environ.get("ABL_FUZZ_EXAMPLES", "25"))
 # Generation is real (a CPU worker); valid requests stay cheap with a tiny max_tokens.
 MAX_TOKENS = 3
+MODEL = "abliterated-model"
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,14 @@ OPERATIONS = [
     ("GET", "/v1/models/{model_id}"),
     ("GET", "/v1/account"),
 ]
+# Invalid data needs a constraint to break: a free string path parameter or no input has none.
+NO_INVALID_FORM = {("GET", "/v1/models/{model_id}"), ("GET", "/v1/account")}
+RUNS = [
+    (method, path, mode)
+    for method, path in OPERATIONS
+    for mode in GenerationMode
+    if mode is GenerationMode.POSITIVE or (method, path) not in NO_INVALID_FORM
+]
 
 
 def test_every_v1_operation_is_fuzzed(api_schema: Any) -> None:
@@ -50,19 +59,32 @@ def test_every_v1_operation_is_fuzzed(api_schema: Any) -> None:
     assert listed == set(OPERATIONS)
 
 
-def _keep_generation_short(case: Any) -> None:
-    if case.path != "/v1/messages" or not isinstance(case.body, dict):
+def _steer(case: Any, mode: GenerationMode) -> None:
+    """Push valid data past the early refusals (random version, random model, tools) so that
+    it reaches tokenizing, rate limiting, billing and generation; keep generation short."""
+    if mode is GenerationMode.POSITIVE and case.headers:
+        case.headers.pop("anthropic-version", None)
+    if not isinstance(case.body, dict):
+        return
+    if mode is GenerationMode.POSITIVE:
+        if isinstance(case.body.get("model"), str):
+            case.body["model"] = MODEL
+        for unsupported in ("tools", "tool_choice", "thinking"):
+            case.body.pop(unsupported, None)
+    if case.path != "/v1/messages":
         return
     max_tokens = case.body.get("max_tokens")
     if max_tokens is None or (isinstance(max_tokens, int) and max_tokens > MAX_TOKENS):
         case.body["max_tokens"] = MAX_TOKENS
 
 
-def _check(case: Any, stack: Stack, fuzz_key: str) -> None:
-    _keep_generation_short(case)
+def _check(case: Any, mode: GenerationMode, stack: Stack, fuzz_key: str) -> None:
+    _steer(case, mode)
     response = case.call(base_url=stack.base_url, headers={"x-api-key": fuzz_key}, timeout=120)
     described = f"{case.method} {case.path} -> {response.status_code}: {response.text[:500]}"
-    described += f"\n{case.as_curl_command()}"[:2000]
+    if isinstance(case.body, dict):  # the sampling fields, which a long curl line cuts off
+        described += f"\n{ {k: v for k, v in case.body.items() if k != 'messages'} }"[:1000]
+    described += f"\n{case.as_curl_command()}"[:3000]
     assert response.status_code < 500, described
     assert response.status_code != 422, described
     if response.status_code >= 400:
@@ -72,8 +94,7 @@ def _check(case: Any, stack: Stack, fuzz_key: str) -> None:
         assert [body["request_id"]] == response.headers["request-id"], described
 
 
-@pytest.mark.parametrize("mode", list(GenerationMode), ids=str)
-@pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
+@pytest.mark.parametrize(("method", "path", "mode"), RUNS, ids=[f"{m} {p} {g}" for m, p, g in RUNS])
 def test_no_server_errors(
     api_schema: Any, stack: Stack, fuzz_key: str, method: str, path: str, mode: GenerationMode
 ) -> None:
@@ -87,6 +108,6 @@ def test_no_server_errors(
     )
     @given(case=operation.as_strategy(generation_mode=mode))
     def fuzz(case: Any) -> None:
-        _check(case, stack, fuzz_key)
+        _check(case, mode, stack, fuzz_key)
 
     fuzz()

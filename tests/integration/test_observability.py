@@ -10,6 +10,7 @@ import pytest
 
 from infra.stack import Stack
 from tests.conftest import AccountFactory, ApiAccount
+from tests.integration.api_process import api_process
 from tests.scrape import Samples, scrape
 
 pytestmark = pytest.mark.integration
@@ -214,3 +215,15 @@ def test_readyz_names_each_required_model(stack: Stack) -> None:
     assert workers["required"] == [MODEL] and workers["missing"] == []
     assert workers["by_model"][MODEL] == len(stack.workers)
     assert body["checks"]["database"]["ok"] and body["checks"]["redis"]["ok"]
+
+
+def test_readyz_fails_for_a_required_model_without_workers(stack: Stack, tmp_path: Path) -> None:
+    env = {"ABL_READY_MODELS": f"{MODEL},model-nobody-serves"}
+    with api_process(stack, tmp_path / "api.log", env) as base_url:
+        response = httpx.get(f"{base_url}/readyz", timeout=10)
+    assert response.status_code == 503
+    body = response.json()
+    assert body["ready"] is False and body["failed"] == ["workers"]
+    workers = body["checks"]["workers"]
+    assert workers["missing"] == ["model-nobody-serves"]
+    assert workers["by_model"] == {MODEL: len(stack.workers), "model-nobody-serves": 0}

@@ -223,6 +223,25 @@ def test_sdk_retry_succeeds_after_waiting(stack: Stack, make_account: AccountFac
     assert 0.9 <= waited < 8, waited
 
 
+def test_sdk_retry_on_requests_per_minute(stack: Stack, make_account: AccountFactory) -> None:
+    """60 requests/min refill one per second: drain the bucket, then the SDK waits ~1 s."""
+    key = make_account(rate_limits={"requests_per_minute": 60}).key
+    sdk = anthropic.Anthropic(base_url=stack.base_url, api_key=key, max_retries=2)
+    retried = []
+    for _ in range(3):  # a refill can land between the drain and the SDK's first attempt
+        while send(stack.base_url, key).status_code != 429:
+            pass
+        stream = sdk.messages.create(
+            model=MODEL, max_tokens=4, messages=BODY["messages"], stream=True
+        )
+        stream.close()
+        assert stream.response.status_code == 200
+        retried.append(stream.response.request.headers["x-stainless-retry-count"])
+        if retried[-1] != "0":
+            break
+    assert retried[-1] == "1", retried
+
+
 def test_output_tokens_are_corrected_when_a_request_ends(
     stack: Stack, make_account: AccountFactory
 ) -> None:

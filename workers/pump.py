@@ -1,0 +1,154 @@
+"""Publishing the text of every running request from one thread, once per engine step.
+
+A task thread per request that wakes for each token and publishes it alone costs one GIL
+handoff and one Redis round trip per sequence per decode step; at 16 sequences that slowed the
+stepping thread by about a quarter (docs/benchmarks.md). Here the engine calls `notify()` after
+each step; one thread drains every watched generation, publishes the new text of all of them in
+one pipeline, and wakes a task thread only once, when its request has ended.
+
+A request's first text goes out at once; after that its text is held until `min_interval_s`
+has passed since its previous delta (or it ends), so a delta carries a few tokens when steps
+are fast, without holding any text for longer than that interval plus one step.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import redis
+
+from workers.engine import Event, Failed, Finished, Generation, TextChunk
+
+log = logging.getLogger("abl.worker")
+
+
+class DeltaPublisher(Protocol):
+    """The per-request publisher (`workers.runtime.Publisher`): numbers events, sends deltas."""
+
+    seq: int
+
+    def delta(self, text: str, output_tokens: int, via: "redis.client.Pipeline | None") -> None: ...
+
+
+@dataclass
+class _Stream:
+    request_id: str
+    generation: Generation
+    publisher: DeltaPublisher
+    done: threading.Event = field(default_factory=threading.Event)
+    final: Finished | Failed | None = None
+    held: str = ""  # text not yet published
+    tokens: int = 0  # output tokens after `held`
+    sent_at: float | None = None  # monotonic time of the last delta
+
+
+def coalesce(events: list[Event]) -> tuple[str, int, Finished | Failed | None]:
+    """The text of a run of events, the token count after it, and the terminal event if any."""
+    text, tokens = "", 0
+    for event in events:
+        if isinstance(event, TextChunk):
+            text += event.text
+            tokens = event.output_tokens
+        else:
+            return text, tokens, event
+    return text, tokens, None
+
+
+class DeltaPump:
+    """One thread that relays every watched generation's text to Redis pub/sub."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        muted: Callable[[str], bool],
+        on_publish_error: Callable[[str], None],
+        min_interval_s: float = 0.0,
+    ) -> None:
+        self._client = client
+        self._min_interval_s = min_interval_s
+        self._muted = muted  # requests whose text must no longer go out (being aborted)
+        self._on_publish_error = on_publish_error
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="delta-pump", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    def notify(self) -> None:
+        """New events may be waiting (called by the engine's stepping thread)."""
+        self._wake.set()
+
+    def watch(self, generation: Generation, publisher: DeltaPublisher) -> Finished | Failed:
+        """Relays `generation`'s text until it ends; returns its terminal event."""
+        stream = _Stream(generation.request_id, generation, publisher)
+        with self._lock:
+            self._streams[stream.request_id] = stream
+        # Events queued before the stream was watched must not wait for the next step.
+        self._wake.set()
+        stream.done.wait()
+        assert stream.final is not None
+        return stream.final
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self._pump()
+            except Exception:  # keep relaying for every other request
+                log.exception("delta pump failed")
+
+    def _pump(self) -> None:
+        with self._lock:
+            streams = list(self._streams.values())
+        pipe = self._client.pipeline(transaction=False)
+        sent: list[_Stream] = []
+        ended: list[_Stream] = []
+        try:
+            now = time.monotonic()
+            for stream in streams:
+                text, tokens, final = coalesce(stream.generation.drain())
+                if text:
+                    stream.held += text
+                    stream.tokens = tokens
+                if final is not None:
+                    stream.final = final
+                    ended.append(stream)
+                if stream.held and (final is not None or self._due(stream, now)):
+                    if not self._muted(stream.request_id):
+                        stream.publisher.delta(stream.held, stream.tokens, pipe)
+                        sent.append(stream)
+                    stream.held, stream.sent_at = "", now
+            if sent:
+                self._execute(pipe, sent)
+        finally:
+            # Only after its last text is out: the task thread publishes the terminal event next.
+            with self._lock:
+                for stream in ended:
+                    del self._streams[stream.request_id]
+            for stream in ended:
+                stream.done.set()
+
+    def _due(self, stream: _Stream, now: float) -> bool:
+        return stream.sent_at is None or now - stream.sent_at >= self._min_interval_s
+
+    def _execute(self, pipe: "redis.client.Pipeline", sent: list[_Stream]) -> None:
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            for stream in sent:
+                stream.publisher.seq -= 1  # never delivered: the next event reuses its number
+                self._on_publish_error(stream.request_id)
