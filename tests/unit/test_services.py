@@ -136,6 +136,8 @@ def test_busy_ports_are_avoided(data_dir: Path) -> None:
     server.stop()
     with socket.socket() as a, socket.socket() as b:
         for sock, port in ((a, last_ports[0]), (b, last_ports[1])):
+            # The stopped servers' connections may linger in TIME_WAIT on these ports.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))
             sock.listen()
         pg.start()
