@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from infra.bench.load import Target, client_for, message_body, stream_once
+from infra.bench.load import Target, client_for, message_body, run_async, stream_once
 from infra.bench.observe import engine_stats, heartbeats, request_rows
 from infra.bench.stats import RequestRecord, percentile
 
@@ -88,7 +88,7 @@ def measure_cancel(
     body = message_body(model, prompt, CANCEL_MAX_TOKENS)
     records: list[RequestRecord] = []
     for _ in range(rounds):
-        records += asyncio.run(_round(target, body, streams, on_done))
+        records += run_async(_round(target, body, streams, on_done))
     gone = [r for r in records if r.disconnected_at is not None and r.request_id]
     stayed = [r for r in records if r.disconnected_at is None]
     ids = [r.request_id for r in gone if r.request_id]

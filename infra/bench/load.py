@@ -3,13 +3,15 @@
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from infra.bench.stats import RequestRecord
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,16 @@ class Target:
     api_key: str
     admin_token: str | None = None
     redis_url: str | None = None
+
+
+def run_async(work: Coroutine[Any, Any, T]) -> T:
+    """Runs `work` on uvloop when installed (uvicorn's standard extra): the load generator
+    shares the host's cores with the platform, so its own overhead should stay small."""
+    try:
+        import uvloop
+    except ModuleNotFoundError:
+        return asyncio.run(work)
+    return uvloop.run(work)
 
 
 def message_body(model: str, prompt: str, max_tokens: int, **extra: Any) -> dict[str, Any]:

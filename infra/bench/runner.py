@@ -1,6 +1,5 @@
 """One `abl bench` run: a stack (its own, or a given one), the phases, the figures."""
 
-import asyncio
 import contextlib
 import os
 import tempfile
@@ -13,7 +12,7 @@ import httpx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from infra.bench.cancel import measure_cancel
-from infra.bench.load import Target, message_body, run_clients
+from infra.bench.load import Target, message_body, run_async, run_clients
 from infra.bench.observe import RssSampler, engine_stats, heartbeats, rss_mb
 from infra.bench.stats import RequestRecord, spread, summarize
 from infra.stack import Stack
@@ -101,7 +100,7 @@ def platform(config: BenchConfig) -> Iterator[Running]:
 def _platform_phase(
     running: Running, body: dict[str, Any], c: int, rpc: int, on_done: Callable[[], None]
 ) -> tuple[list[RequestRecord], float]:
-    return asyncio.run(run_clients(running.target, body, c, rpc, on_done))
+    return run_async(run_clients(running.target, body, c, rpc, on_done))
 
 
 def _one_repeat(
