@@ -153,11 +153,12 @@ def _ensure_system_user(name: str) -> pwd.struct_passwd:
 
 
 def _ensure_traversable(path: Path) -> None:
-    """Let other users search (o+x, not list) the folders above `path`: the postgres user must."""
+    """Let other users search (o+x, not list) the folders above `path`: the postgres user must
+    reach its data and its binaries."""
     for parent in path.parents:
         mode = parent.stat().st_mode
         if not mode & stat.S_IXOTH:
-            log.warning("adding o+x to %s so %s can reach its data", parent, PG_SYSTEM_USER)
+            log.warning("adding o+x to %s so %s can reach it", parent, PG_SYSTEM_USER)
             parent.chmod(mode | stat.S_IXOTH)
 
 
@@ -323,6 +324,9 @@ class EmbeddedPostgres(_EmbeddedServer):
         self.pgdata.mkdir(mode=0o700, exist_ok=True)
         run_as = self._run_as()
         bin_dir = _pg_bin_dir(self.pgdata)
+        if run_as:
+            # The server binaries may sit in a private checkout (a 0700 clone, e.g. in CI).
+            _ensure_traversable(bin_dir / "postgres")
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb(bin_dir, run_as, password)
         if self.clients:

@@ -310,6 +310,9 @@ class Engine:
 
     def _step(self, cancels: set[str], admitted: list[_Sequence]) -> None:
         self._drop_cancelled(cancels)
+        if self._finals:
+            # Cancelled sequences are out of the batch already: say so before the forward passes.
+            self._publish_finals()
         self._prefill(admitted)
         if admitted:
             self._notify()  # first tokens go out now, not after the decode step

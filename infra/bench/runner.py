@@ -6,7 +6,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -17,6 +17,9 @@ from infra.bench.observe import RssSampler, engine_stats, heartbeats, rss_mb
 from infra.bench.stats import RequestRecord, spread, summarize
 from infra.stack import Stack
 from workers.catalog import DEFAULT_MODEL_ID
+
+if TYPE_CHECKING:  # it imports torch: loaded only when the baselines run
+    from infra.bench.baselines import Baselines
 
 PROMPT = "Tell me about sorting lists in Python."
 # The worker's default batch capacity (WorkerSettings.max_batch); the engine baseline uses it too.
@@ -106,7 +109,7 @@ def _platform_phase(
 def _one_repeat(
     config: BenchConfig,
     running: Running,
-    baselines: Any,
+    baselines: "Baselines",
     progress: Progress,
     rss: RssSampler,
     reference: str,
