@@ -104,12 +104,12 @@ class DeltaPump:
         while True:
             self._wake.wait()
             self._wake.clear()
-            if self._stopping:
-                return
             try:
                 self._pump()
             except Exception:  # keep relaying for every other request
                 log.exception("delta pump failed")
+            if self._stopping:  # after a last pass: the engines' final events are out
+                return
 
     def _pump(self) -> None:
         with self._lock:
