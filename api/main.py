@@ -12,6 +12,7 @@ from api.admin import usage as admin_usage
 from api.anthropic import routes as anthropic_routes
 from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, JsonBodyMiddleware, RequestIdMiddleware
+from api.openapi import install_openapi
 from api.platform import Platform
 from api.settings import ApiSettings
 from api.versions import check_anthropic_version
@@ -37,6 +38,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app = FastAPI(title="Abliterated inference platform", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(anthropic_routes.router, dependencies=[Depends(check_anthropic_version)])
     app.include_router(account.router)
     app.include_router(admin_routes.router)

@@ -16,6 +16,7 @@ from celery import Celery
 
 from api.errors import OverloadedError
 from api.settings import ApiSettings
+from api.taskqueue import QueueFull, TaskQueue
 from db.ledger import Outcome, settle_request
 from db.session import transaction
 from workers.catalog import Catalog, ModelSpec, load_catalog
@@ -36,6 +37,9 @@ class Platform:
     # Set on SIGTERM: open streams end with an error event instead of hanging on.
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.tasks = TaskQueue(self.celery, self.redis)
 
     @classmethod
     def create(cls, settings: ApiSettings) -> "Platform":
@@ -94,18 +98,18 @@ class Platform:
 
     async def enqueue(self, spec: ModelSpec, job: GenerateJob) -> None:
         """Queue the job on its model's queue, or 529 at once when that queue is full."""
-        backlog = await self.redis.llen(spec.queue)
-        if backlog >= self.settings.max_queued_per_model:
+        try:
+            await self.tasks.push(
+                TASK_GENERATE,
+                [job.model_dump(mode="json")],
+                spec.queue,
+                max_waiting=self.settings.max_queued_per_model,
+            )
+        except QueueFull as full:
             raise OverloadedError(
-                f"{backlog} requests are already waiting for {spec.id}; retry shortly",
+                f"{full.backlog} requests are already waiting for {spec.id}; retry shortly",
                 retry_after=2,
-            )
-        payload = job.model_dump(mode="json")
-        await anyio.to_thread.run_sync(
-            lambda: self.celery.send_task(
-                TASK_GENERATE, args=[payload], queue=spec.queue, routing_key=spec.queue
-            )
-        )
+            ) from None
 
     async def cancel(self, request_id: str) -> None:
         """Stop a request whose client is gone.

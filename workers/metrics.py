@@ -141,6 +141,8 @@ class RequestTelemetry:
         log_request(
             {
                 "request_id": job.request_id,
+                "account_id": job.account_id,
+                "key_prefix": job.key_prefix,
                 "worker": self.worker_name,
                 "model": job.model,
                 "status": settlement.status,

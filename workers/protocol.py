@@ -50,6 +50,9 @@ class GenerateJob(BaseModel):
     model: str  # catalogue id; the queue already routed it to a worker serving this model
     input_ids: list[int]  # the rendered, tokenized prompt (the API counted exactly these)
     sampling: SamplingParams  # decoding parameters
+    # Who sent it, for the worker's request log line only (never for decisions).
+    account_id: str | None = None
+    key_prefix: str | None = None
 
 
 class DeltaEvent(BaseModel):

@@ -132,6 +132,8 @@ async def admit(
         model=spec.id,
         input_ids=input_ids,
         sampling=sampling_params(body, max_tokens),
+        account_id=principal.account_id,
+        key_prefix=principal.key_prefix,
     )
     return Admitted(
         request_id,

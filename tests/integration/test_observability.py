@@ -7,11 +7,13 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from infra.stack import Stack
 from tests.conftest import AccountFactory, ApiAccount
 from tests.integration.api_process import api_process
 from tests.scrape import Samples, scrape
+from workers.protocol import cancel_key
 
 pytestmark = pytest.mark.integration
 
@@ -181,6 +183,36 @@ def test_worker_metrics_show_the_batch_and_cancellations(stack: Stack, http: htt
     )
 
 
+def test_a_generation_nobody_waits_for_is_counted_as_orphaned(
+    stack: Stack, http: httpx.Client
+) -> None:
+    """The cancel key set without the broadcast the API sends with it: the worker never hears
+    of the cancellation, runs the stream to its end for nobody, and must count that."""
+    labels = {"model": MODEL}
+    before = worker_metrics(stack).get("abl_worker_orphaned_generations_total", **labels)
+    client = redis.Redis.from_url(stack.redis_url or "")
+    with http.stream("POST", "/v1/messages", json={**LONG, "max_tokens": 200}) as response:
+        assert response.status_code == 200
+        request_id = response.headers["request-id"]
+        lines = response.iter_lines()
+        while not next(lines).startswith("event: content_block_delta"):
+            pass
+        client.set(cancel_key(request_id), 1, ex=60)
+        rest = list(lines)
+    assert "event: message_stop" in rest
+    after = wait_for(
+        lambda: (
+            (s := worker_metrics(stack)).get("abl_worker_orphaned_generations_total", **labels)
+            > before
+            and s
+        )
+    )
+    assert after.get("abl_worker_orphaned_generations_total", **labels) == before + 1
+    worker_lines = wait_for(lambda: request_lines(stack.log_dir / "worker-0.log", request_id))
+    assert worker_lines[0]["orphaned"] is True
+    assert worker_lines[0]["status"] == "succeeded"
+
+
 def test_one_json_line_per_request_in_api_and_worker(stack: Stack, http: httpx.Client) -> None:
     response = http.post("/v1/messages", json=BODY)
     assert response.status_code == 200
@@ -203,6 +235,7 @@ def test_one_json_line_per_request_in_api_and_worker(stack: Stack, http: httpx.C
         False,
     )
     assert (worker["output_tokens"], worker["credits"]) == (api["output_tokens"], api["credits"])
+    assert (worker["account_id"], worker["key_prefix"]) == (api["account_id"], api["key_prefix"])
     assert worker["latency_s"] > 0
 
 
