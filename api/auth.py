@@ -7,6 +7,7 @@ an account refuses its tokens at once (403).
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -15,9 +16,9 @@ from fastapi.concurrency import run_in_threadpool
 from api.admin.jwt_tokens import verify_account_token
 from api.errors import AuthenticationError, PermissionDeniedError
 from api.settings import ApiSettings
-from db.accounts import KEY_PREFIX, find_key, touch_key
+from db.accounts import KEY_PREFIX, find_live_key, needs_touch, touch_key
 from db.models import Account
-from db.session import transaction
+from db.session import get_engine, transaction
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,18 @@ def credential_of(request: Request) -> str:
 
 
 def _lookup(database_url: str, credential: str) -> Principal:
-    with transaction(database_url) as session:
-        found = find_key(session, credential)
-        if found is None:
+    # One Core read on a pooled connection; a write (and so a commit) at most once a minute.
+    with get_engine(database_url).connect() as connection:
+        key = find_live_key(connection, credential)
+        if key is None:
             raise AuthenticationError("invalid API key")
-        key, account = found
-        _check_enabled(account)
-        touch_key(session, key.id)
-        limits = merged_limits(account.rate_limits, key.rate_limits)
-        return Principal(account.id, key.id, key.prefix, limits)
+        if key.account_disabled:
+            raise PermissionDeniedError("this account is disabled")
+        if needs_touch(key.last_used_at, datetime.now(UTC)):
+            touch_key(connection, key.id)
+            connection.commit()
+        limits = merged_limits(key.account_rate_limits, key.rate_limits)
+        return Principal(key.account_id, key.id, key.prefix, limits)
 
 
 def _lookup_account(database_url: str, account_id: str) -> Principal:
@@ -83,7 +87,7 @@ def is_inference_credential(settings: ApiSettings, credential: str) -> bool:
         if not settings.database_url:
             return False
         with transaction(settings.database_url) as session:
-            return find_key(session, credential) is not None
+            return find_live_key(session, credential) is not None
     try:
         verify_account_token(settings, credential)
     except AuthenticationError:

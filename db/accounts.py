@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Connection, Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.ledger import append_balance_entry
@@ -70,35 +70,76 @@ def create_api_key(
     return NewKey(key=key, plaintext=plaintext)
 
 
-def find_key(session: Session, plaintext: str) -> tuple[ApiKey, Account] | None:
-    """The live key and its account, or None (unknown, revoked or expired)."""
+_KEYS: Table = ApiKey.__table__  # type: ignore[assignment]
+_ACCOUNTS: Table = Account.__table__  # type: ignore[assignment]
+# Built once: a request's authentication is one Core statement, no ORM (docs/benchmarks.md).
+_FIND_KEY = (
+    select(
+        _KEYS.c.id,
+        _KEYS.c.prefix,
+        _KEYS.c.rate_limits,
+        _KEYS.c.key_hash,
+        _KEYS.c.revoked_at,
+        _KEYS.c.expires_at,
+        _KEYS.c.last_used_at,
+        _ACCOUNTS.c.id.label("account_id"),
+        _ACCOUNTS.c.disabled,
+        _ACCOUNTS.c.rate_limits.label("account_rate_limits"),
+    )
+    .join(_ACCOUNTS, _ACCOUNTS.c.id == _KEYS.c.account_id)
+    .where(_KEYS.c.key_hash == bindparam("digest"))
+)
+
+
+@dataclass(frozen=True)
+class LiveKey:
+    """What authenticating a request needs from a live key and its account."""
+
+    id: str
+    prefix: str
+    rate_limits: dict[str, Any] | None
+    last_used_at: datetime | None
+    account_id: str
+    account_disabled: bool
+    account_rate_limits: dict[str, Any] | None
+
+
+def find_live_key(connection: Session | Connection, plaintext: str) -> LiveKey | None:
+    """The live key and its account's state, or None (unknown, revoked or expired)."""
     digest = hash_key(plaintext)
-    row = session.execute(
-        select(ApiKey, Account).join(Account).where(ApiKey.key_hash == digest)
-    ).first()
-    if row is None:
-        return None
-    key, account = row
-    if not hmac.compare_digest(key.key_hash, digest):
+    row = connection.execute(_FIND_KEY, {"digest": digest}).first()
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
         return None
     now = datetime.now(UTC)
-    if key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= now):
+    if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
         return None
-    return key, account
+    return LiveKey(
+        row.id,
+        row.prefix,
+        row.rate_limits,
+        row.last_used_at,
+        row.account_id,
+        row.disabled,
+        row.account_rate_limits,
+    )
 
 
-# last_used_at is kept to this precision: within it, the update matches no row, so the
-# request's auth transaction writes nothing and commits without waiting for a WAL flush.
+# last_used_at is kept to this precision: a key used within it is not written again, so a
+# request's authentication reads only and needs no commit.
 TOUCH_PRECISION = timedelta(seconds=60)
 
 
-def touch_key(session: Session, key_id: str) -> None:
+def needs_touch(last_used_at: datetime | None, now: datetime) -> bool:
+    return last_used_at is None or last_used_at < now - TOUCH_PRECISION
+
+
+def touch_key(session: Session | Connection, key_id: str) -> None:
     now = datetime.now(UTC)
     session.execute(
-        update(ApiKey)
+        update(_KEYS)
         .where(
-            ApiKey.id == key_id,
-            or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - TOUCH_PRECISION),
+            _KEYS.c.id == key_id,
+            or_(_KEYS.c.last_used_at.is_(None), _KEYS.c.last_used_at < now - TOUCH_PRECISION),
         )
         .values(last_used_at=now)
     )

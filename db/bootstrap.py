@@ -5,7 +5,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from db.accounts import create_account, create_api_key, find_key
+from db.accounts import create_account, create_api_key, find_live_key
 from db.models import Account
 from db.session import transaction
 
@@ -23,7 +23,7 @@ def ensure_demo_account(database_url: str, data_dir: Path) -> str | None:
     with transaction(database_url) as session:
         if key_file.exists():
             key = key_file.read_text().strip()
-            if find_key(session, key) is not None:
+            if find_live_key(session, key) is not None:
                 return key
         if session.execute(select(func.count()).select_from(Account)).scalar_one():
             return None

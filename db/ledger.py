@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from sqlalchemy import Table, bindparam, func, insert, select, text, update
+from sqlalchemy import Connection, Table, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from db.daily_usage import SettledUsage, record_usage
@@ -130,7 +130,7 @@ class NewRequest:
     credits_reserved: int
 
 
-def commit_without_flush_wait(session: Session) -> None:
+def commit_without_flush_wait(session: Session | Connection) -> None:
     """This transaction's commit returns before its WAL reaches the disk (synchronous_commit
     off): one fsync less on a request's way to its first token. A crash of Postgres itself in
     the next ~0.2 s can lose it, atomically, and only steps that charged nothing use it (the
@@ -138,50 +138,56 @@ def commit_without_flush_wait(session: Session) -> None:
     session.execute(text("SET LOCAL synchronous_commit TO OFF"))
 
 
-def open_request(session: Session, req: NewRequest) -> None:
+# The request row, its reservation and the reservation's ledger row in one statement: the
+# account update is conditional (never read-then-write), and the two inserts take their rows
+# from it, so either all three happen or none. One round trip instead of five ORM statements
+# (docs/benchmarks.md: 3.4 -> 1.2 ms per admission on an idle machine).
+_OPEN = text(
+    """
+    WITH held AS (
+        UPDATE account SET reserved_credits = reserved_credits + :n
+        WHERE id = :account_id AND NOT disabled AND credit_balance - reserved_credits >= :n
+        RETURNING credit_balance, reserved_credits
+    ), opened AS (
+        INSERT INTO request (id, message_id, account_id, api_key_id, model, status, stream,
+                             max_tokens, input_tokens, output_tokens, credits_reserved,
+                             credits_charged, cost_usd)
+        SELECT :id, :message_id, :account_id, :api_key_id, :model, 'queued', :stream,
+               :max_tokens, :input_tokens, 0, :n, 0, 0
+        FROM held
+        RETURNING id
+    )
+    INSERT INTO ledger_entry (account_id, request_id, kind, amount, balance_after, reserved_after)
+    SELECT :account_id, opened.id, 'reserve', :n, held.credit_balance, held.reserved_credits
+    FROM held, opened
+    RETURNING id
+    """
+)
+_ACCOUNT_STATE = select(
+    _ACCOUNT.c.disabled, _ACCOUNT.c.credit_balance - _ACCOUNT.c.reserved_credits
+).where(_ACCOUNT.c.id == bindparam("account_id"))
+
+
+def open_request(session: Session | Connection, req: NewRequest) -> None:
     """Insert the request (queued) and reserve its worst-case credits, or raise."""
     commit_without_flush_wait(session)
-    session.add(
-        Request(
-            id=req.id,
-            message_id=req.message_id,
-            account_id=req.account_id,
-            api_key_id=req.api_key_id,
-            model=req.model,
-            status="queued",
-            stream=req.stream,
-            max_tokens=req.max_tokens,
-            input_tokens=req.input_tokens,
-            credits_reserved=req.credits_reserved,
-        )
-    )
-    session.flush()
-    n = req.credits_reserved
-    row = session.execute(
-        update(Account)
-        .where(
-            Account.id == req.account_id,
-            Account.disabled.is_(False),
-            Account.credit_balance - Account.reserved_credits >= n,
-        )
-        .values(reserved_credits=Account.reserved_credits + n)
-        .returning(Account.credit_balance, Account.reserved_credits)
-    ).first()
-    if row is None:
-        account = session.get(Account, req.account_id)
-        if account is None or account.disabled:
-            raise AccountUnavailable(req.account_id)
-        raise InsufficientCredits(n, account.credit_balance - account.reserved_credits)
-    session.execute(
-        insert(LedgerEntry).values(
-            account_id=req.account_id,
-            request_id=req.id,
-            kind="reserve",
-            amount=n,
-            balance_after=row.credit_balance,
-            reserved_after=row.reserved_credits,
-        )
-    )
+    params = {
+        "n": req.credits_reserved,
+        "account_id": req.account_id,
+        "id": req.id,
+        "message_id": req.message_id,
+        "api_key_id": req.api_key_id,
+        "model": req.model,
+        "stream": req.stream,
+        "max_tokens": req.max_tokens,
+        "input_tokens": req.input_tokens,
+    }
+    if session.execute(_OPEN, params).first() is not None:
+        return
+    state = session.execute(_ACCOUNT_STATE, {"account_id": req.account_id}).first()
+    if state is None or state.disabled:
+        raise AccountUnavailable(req.account_id)
+    raise InsufficientCredits(req.credits_reserved, int(state[1]))
 
 
 def claim_request(session: Session, request_id: str, worker: str) -> bool:
