@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Connection,
     Date,
     Select,
     Table,
@@ -60,7 +61,7 @@ _ADD_TO_DAY = _NEW_ROW.on_conflict_do_update(
 )
 
 
-def record_usage(session: Session, usage: SettledUsage) -> None:
+def record_usage(session: Session | Connection, usage: SettledUsage) -> None:
     """Add one settled request to its day's row (upsert). Call it in the settlement's
     transaction, after the request's status moved: that is what makes it exactly once."""
     row = {

@@ -57,6 +57,10 @@ _CHARGE = (
     .returning(_ACCOUNT.c.credit_balance, _ACCOUNT.c.reserved_credits)
 )
 _LEDGER_ROWS = insert(LedgerEntry.__table__)
+# A settled request's outcome (Core: fresh from the database, never a stale ORM object).
+_SETTLED = select(
+    _REQUEST.c.status, _REQUEST.c.credits_charged, _REQUEST.c.cost_usd, _REQUEST.c.account_id
+).where(_REQUEST.c.id == bindparam("request_id"))
 
 
 class InsufficientCredits(Exception):
@@ -110,7 +114,7 @@ def append_balance_entry(
     return entry
 
 
-def available_credits(session: Session, account_id: str) -> int:
+def available_credits(session: Session | Connection, account_id: str) -> int:
     row = session.execute(
         select(Account.credit_balance - Account.reserved_credits).where(Account.id == account_id)
     ).scalar_one_or_none()
@@ -190,7 +194,7 @@ def open_request(session: Session | Connection, req: NewRequest) -> None:
     raise InsufficientCredits(req.credits_reserved, int(state[1]))
 
 
-def claim_request(session: Session, request_id: str, worker: str) -> bool:
+def claim_request(session: Session | Connection, request_id: str, worker: str) -> bool:
     """queued -> running; False if another delivery already claimed or settled it."""
     commit_without_flush_wait(session)
     params = {"request_id": request_id, "claimed_by": worker, "claimed_at": datetime.now(UTC)}
@@ -218,7 +222,7 @@ class Outcome:
 
 
 def settle_request(
-    session: Session, request_id: str, outcome: Outcome, *, only_queued: bool = False
+    session: Session | Connection, request_id: str, outcome: Outcome, *, only_queued: bool = False
 ) -> Settlement:
     """Charge actual usage and release the reservation, once. A second call changes nothing.
 
@@ -242,11 +246,7 @@ def settle_request(
     ).first()
     if row is None:
         # populate_existing: the row changed under Core updates the session did not track.
-        done = session.execute(
-            select(Request)
-            .where(Request.id == request_id)
-            .execution_options(populate_existing=True)
-        ).scalar_one()
+        done = session.execute(_SETTLED, {"request_id": request_id}).one()
         return Settlement(
             status=done.status,
             credits_charged=done.credits_charged,

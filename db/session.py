@@ -4,7 +4,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -29,3 +29,11 @@ def transaction(database_url: str) -> Iterator[Session]:
     """One session, committed on success, rolled back on error."""
     with get_sessionmaker(database_url).begin() as session:
         yield session
+
+
+@contextmanager
+def connection(database_url: str) -> Iterator[Connection]:
+    """One Core connection in a transaction, committed on success: for hot paths whose
+    statements are prebuilt Core, without an ORM session's bookkeeping."""
+    with get_engine(database_url).begin() as conn:
+        yield conn

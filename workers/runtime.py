@@ -17,7 +17,7 @@ import redis
 
 from db.ledger import Outcome, Settlement, claim_request, settle_request
 from db.pricing import cost_usd, credits_for
-from db.session import transaction
+from db.session import connection
 from workers.catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, load_catalog
 from workers.engine import Engine, Failed, Finished, Generation
 from workers.metrics import RequestTelemetry, serve_metrics
@@ -190,7 +190,7 @@ class WorkerRuntime:
         # The prefill runs while the claim commits; nothing is published unless it succeeds.
         early = self._submit_early(job)
         try:
-            with transaction(self.database_url) as session:
+            with connection(self.database_url) as session:
                 claimed = claim_request(session, job.request_id, self.settings.worker_name)
         except BaseException:
             self._drop_early(job, early)
@@ -306,7 +306,7 @@ class WorkerRuntime:
                 stop_reason=None if final.cancelled else final.stop_reason,
                 stop_sequence=final.stop_sequence,
             )
-        with transaction(self.database_url) as session:
+        with connection(self.database_url) as session:
             settlement = settle_request(session, job.request_id, outcome)
         try:
             self._publish_end(publisher, settlement, outcome, input_tokens, error_type)

@@ -26,7 +26,7 @@ from api.platform import Platform
 from api.ratelimit import Cost, Limits, RateLimiter, Ticket
 from db.ledger import AccountUnavailable, InsufficientCredits, NewRequest, open_request
 from db.pricing import cost_usd, credits_for
-from db.session import get_engine
+from db.session import connection
 from workers.catalog import ModelSpec
 from workers.protocol import GenerateJob
 
@@ -194,8 +194,8 @@ async def _release_logged(limiter: RateLimiter, ticket: Ticket, refund: Cost) ->
 
 def _open(database_url: str, new: NewRequest) -> None:
     try:
-        with get_engine(database_url).begin() as connection:
-            open_request(connection, new)
+        with connection(database_url) as conn:
+            open_request(conn, new)
     except InsufficientCredits as exc:
         raise BillingError(
             f"insufficient credits: this request may cost up to {exc.needed} credits,"
