@@ -1,21 +1,18 @@
 """The `daily_usage` rollup: settled requests summed per UTC day, account, key and model.
 
-`record_usage` runs inside `settle_request`'s transaction, so a request is added exactly once
-(its settlement is) and the rollup always equals the sums over the request rows;
+`settle_request` (db/ledger.py) adds a request to its day's row in the same statement that
+settles it, so a request is added exactly once (its settlement is) and the rollup always equals
+the sums over the request rows;
 `discrepancies` proves it. Functions take a session and never commit.
 """
 
-from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
-    Connection,
     Date,
     Select,
-    Table,
     cast,
     delete,
     func,
@@ -36,46 +33,6 @@ NO_KEY = ""
 def utc_day(moment: datetime) -> date:
     """The UTC calendar day of a moment: the day its request is counted on."""
     return moment.astimezone(UTC).date()
-
-
-@dataclass(frozen=True)
-class SettledUsage:
-    """What one settled request adds to the rollup."""
-
-    created_at: datetime
-    account_id: str
-    api_key_id: str | None
-    model: str
-    input_tokens: int
-    output_tokens: int
-    credits_charged: int
-    cost_usd: Decimal
-
-
-_DAILY: Table = DailyUsage.__table__  # type: ignore[assignment]
-_NEW_ROW = insert(_DAILY)
-# Built once, like the settlement's other statements (db/ledger.py says why).
-_ADD_TO_DAY = _NEW_ROW.on_conflict_do_update(
-    index_elements=[_DAILY.c.day, _DAILY.c.account_id, _DAILY.c.api_key_id, _DAILY.c.model],
-    set_={name: _DAILY.c[name] + _NEW_ROW.excluded[name] for name in ROLLUP_METRICS},
-)
-
-
-def record_usage(session: Session | Connection, usage: SettledUsage) -> None:
-    """Add one settled request to its day's row (upsert). Call it in the settlement's
-    transaction, after the request's status moved: that is what makes it exactly once."""
-    row = {
-        "day": utc_day(usage.created_at),
-        "account_id": usage.account_id,
-        "api_key_id": usage.api_key_id or NO_KEY,
-        "model": usage.model,
-        "requests": 1,
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
-        "credits_charged": usage.credits_charged,
-        "cost_usd": usage.cost_usd,
-    }
-    session.execute(_ADD_TO_DAY, row)
 
 
 def _day_of_request() -> Any:

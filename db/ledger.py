@@ -8,7 +8,7 @@ from decimal import Decimal
 from sqlalchemy import Connection, Table, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from db.daily_usage import SettledUsage, record_usage
+from db.daily_usage import NO_KEY
 from db.models import BALANCE_KINDS, RESERVATION_KINDS, Account, LedgerEntry, Request
 
 # The statements of a request's claim and settlement, built once: building them per call (and
@@ -22,39 +22,59 @@ _CLAIM = (
     .values(status="running", worker=bindparam("claimed_by"), started_at=bindparam("claimed_at"))
     .returning(_REQUEST.c.id)
 )
-_SETTLE = (
-    update(_REQUEST)
-    .where(
-        _REQUEST.c.id == bindparam("request_id"),
-        _REQUEST.c.status.in_(bindparam("open_statuses", expanding=True)),
+# A settlement in one statement (one round trip): the request leaves queued/running (the
+# condition that makes settlement happen once), the account is charged and its hold released,
+# the release and charge rows are appended, and the request is added to its UTC day's
+# daily_usage row (db/daily_usage.py), all from the request row the first update returned. If
+# the request was already settled, `settled` is empty and so is everything downstream of it.
+_SETTLE = text(
+    """
+    WITH settled AS (
+        UPDATE request
+        SET status = :new_status, output_tokens = :output_tokens, cost_usd = :cost_usd,
+            credits_charged = :charge, stop_reason = :stop_reason,
+            stop_sequence = :stop_sequence, error = :error, finished_at = :finished_at
+        WHERE id = :request_id AND status = ANY(CAST(:open_statuses AS varchar[]))
+        RETURNING account_id, credits_reserved, created_at, api_key_id, model, input_tokens
+    ), charged AS (
+        UPDATE account
+        SET credit_balance = account.credit_balance - :charge,
+            reserved_credits = account.reserved_credits - settled.credits_reserved
+        FROM settled
+        WHERE account.id = settled.account_id
+        RETURNING account.id, account.credit_balance, account.reserved_credits,
+                  settled.credits_reserved
+    ), entries AS (
+        INSERT INTO ledger_entry
+            (account_id, request_id, kind, amount, balance_after, reserved_after)
+        SELECT id, :request_id, 'release', -credits_reserved, credit_balance + :charge,
+               reserved_credits
+        FROM charged
+        UNION ALL
+        SELECT id, :request_id, 'charge', -CAST(:charge AS bigint), credit_balance,
+               reserved_credits
+        FROM charged WHERE CAST(:charge AS bigint) > 0
+        RETURNING id
+    ), usage AS (
+        INSERT INTO daily_usage AS d
+            (day, account_id, api_key_id, model, requests, input_tokens, output_tokens,
+             credits_charged, cost_usd)
+        SELECT CAST(timezone('UTC', created_at) AS date), account_id,
+               coalesce(api_key_id, :no_key), model, 1, input_tokens, :output_tokens, :charge,
+               :cost_usd
+        FROM settled
+        ON CONFLICT (day, account_id, api_key_id, model) DO UPDATE
+        SET requests = d.requests + 1,
+            input_tokens = d.input_tokens + excluded.input_tokens,
+            output_tokens = d.output_tokens + excluded.output_tokens,
+            credits_charged = d.credits_charged + excluded.credits_charged,
+            cost_usd = d.cost_usd + excluded.cost_usd
+        RETURNING 1
     )
-    .values(
-        status=bindparam("new_status"),
-        output_tokens=bindparam("new_output_tokens"),
-        cost_usd=bindparam("new_cost_usd"),
-        credits_charged=bindparam("new_credits_charged"),
-        stop_reason=bindparam("new_stop_reason"),
-        stop_sequence=bindparam("new_stop_sequence"),
-        error=bindparam("new_error"),
-        finished_at=bindparam("new_finished_at"),
-    )
-    .returning(
-        _REQUEST.c.account_id,
-        _REQUEST.c.credits_reserved,
-        _REQUEST.c.created_at,
-        _REQUEST.c.api_key_id,
-        _REQUEST.c.model,
-        _REQUEST.c.input_tokens,
-    )
-)
-_CHARGE = (
-    update(_ACCOUNT)
-    .where(_ACCOUNT.c.id == bindparam("account"))
-    .values(
-        credit_balance=_ACCOUNT.c.credit_balance - bindparam("charge"),
-        reserved_credits=_ACCOUNT.c.reserved_credits - bindparam("reserved"),
-    )
-    .returning(_ACCOUNT.c.credit_balance, _ACCOUNT.c.reserved_credits)
+    SELECT credit_balance, reserved_credits, (SELECT count(*) FROM entries) AS entries,
+           (SELECT count(*) FROM usage) AS usage
+    FROM charged
+    """
 )
 _LEDGER_ROWS = insert(LedgerEntry.__table__)
 # A settled request's outcome (Core: fresh from the database, never a stale ORM object).
@@ -229,23 +249,24 @@ def settle_request(
     `only_queued` settles only a request no worker has claimed (the API giving up on it).
     """
     open_statuses = ["queued"] if only_queued else ["queued", "running"]
+    charge = outcome.credits_charged
     row = session.execute(
         _SETTLE,
         {
             "request_id": request_id,
             "open_statuses": open_statuses,
             "new_status": outcome.status,
-            "new_output_tokens": outcome.output_tokens,
-            "new_cost_usd": outcome.cost_usd,
-            "new_credits_charged": outcome.credits_charged,
-            "new_stop_reason": outcome.stop_reason,
-            "new_stop_sequence": outcome.stop_sequence,
-            "new_error": outcome.error,
-            "new_finished_at": datetime.now(UTC),
+            "output_tokens": outcome.output_tokens,
+            "cost_usd": outcome.cost_usd,
+            "charge": charge,
+            "stop_reason": outcome.stop_reason,
+            "stop_sequence": outcome.stop_sequence,
+            "error": outcome.error,
+            "finished_at": datetime.now(UTC),
+            "no_key": NO_KEY,
         },
     ).first()
     if row is None:
-        # populate_existing: the row changed under Core updates the session did not track.
         done = session.execute(_SETTLED, {"request_id": request_id}).one()
         return Settlement(
             status=done.status,
@@ -254,47 +275,12 @@ def settle_request(
             cost_usd=done.cost_usd,
             already_settled=True,
         )
-    account_id, reserved = row.account_id, row.credits_reserved
-    charge = outcome.credits_charged
-    acct = session.execute(
-        _CHARGE, {"account": account_id, "charge": charge, "reserved": reserved}
-    ).one()
-    entries = [
-        {
-            "kind": "release",
-            "amount": -reserved,
-            "balance_after": acct.credit_balance + charge,
-            "reserved_after": acct.reserved_credits,
-        }
-    ]
-    if charge:
-        entries.append(
-            {
-                "kind": "charge",
-                "amount": -charge,
-                "balance_after": acct.credit_balance,
-                "reserved_after": acct.reserved_credits,
-            }
-        )
-    session.execute(
-        _LEDGER_ROWS,
-        [{"account_id": account_id, "request_id": request_id, **e} for e in entries],
-    )
-    usage = SettledUsage(
-        row.created_at,
-        account_id,
-        row.api_key_id,
-        row.model,
-        row.input_tokens,
-        outcome.output_tokens,
-        charge,
-        outcome.cost_usd,
-    )
-    record_usage(session, usage)  # the daily_usage rollup, exactly once with the settlement
+    # Every part of the statement ran: the ledger rows and the day's usage row are written.
+    assert row.entries == (2 if charge else 1) and row.usage == 1, row
     return Settlement(
         status=outcome.status,
         credits_charged=charge,
-        remaining_credits=acct.credit_balance - acct.reserved_credits,
+        remaining_credits=row.credit_balance - row.reserved_credits,
         cost_usd=outcome.cost_usd,
         already_settled=False,
     )

@@ -20,7 +20,7 @@ down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# The same sums settle_request keeps (db.usage.record_usage), for the requests settled so far.
+# The same sums settle_request keeps (db/ledger.py, _SETTLE), for the requests settled so far.
 BACKFILL = """
 INSERT INTO daily_usage (day, account_id, api_key_id, model, requests, input_tokens,
     output_tokens, credits_charged, cost_usd)
