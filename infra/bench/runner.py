@@ -100,6 +100,10 @@ def platform(config: BenchConfig) -> Iterator[Running]:
             yield Running(target, pids, stack.model_dir, stack)
 
 
+# Each phase sends at least this many requests (clients x requests per client).
+MIN_REQUESTS_PER_PHASE = 32
+
+
 def _platform_phase(
     running: Running, body: dict[str, Any], c: int, rpc: int, on_done: Callable[[], None]
 ) -> tuple[list[RequestRecord], float]:
@@ -123,12 +127,14 @@ def _one_repeat(
     progress.update(task, total=1, completed=1)
     for c in config.concurrency:
         level: dict[str, Any] = {}
-        task = progress.add_task(f"engine alone, concurrency {c}", total=c * rpc)
-        records, wall = baselines.clients(c, rpc, max_tokens, lambda t=task: progress.advance(t))
+        # Enough requests at low concurrency that a median is not one of a handful.
+        n = max(rpc, -(-MIN_REQUESTS_PER_PHASE // c))
+        task = progress.add_task(f"engine alone, concurrency {c}", total=c * n)
+        records, wall = baselines.clients(c, n, max_tokens, lambda t=task: progress.advance(t))
         level["engine"] = summarize(records, wall)
-        task = progress.add_task(f"platform over HTTP, concurrency {c}", total=c * rpc)
+        task = progress.add_task(f"platform over HTTP, concurrency {c}", total=c * n)
         rss.sample()
-        records, wall = _platform_phase(running, body, c, rpc, lambda t=task: progress.advance(t))
+        records, wall = _platform_phase(running, body, c, n, lambda t=task: progress.advance(t))
         level["platform"] = summarize(records, wall)
         # Greedy, identical prompts: every answer must be the engine's answer alone.
         level["platform"]["outputs_match_engine"] = all(
