@@ -222,7 +222,20 @@ async def _handle_api_error(request: Request, exc: Exception) -> JSONResponse:
 async def _handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     message = format_validation_errors(exc.errors())
-    return error_response(request, 400, InvalidRequestError.error_type, message)
+    headers = await _rate_limit_headers(request)
+    return error_response(request, 400, InvalidRequestError.error_type, message, headers)
+
+
+async def _rate_limit_headers(request: Request) -> dict[str, str]:
+    """Every /v1/messages answer to a known caller carries its rate-limit state; a body that
+    fails validation too (authentication runs before the body is validated)."""
+    principal = getattr(request.state, "principal", None)
+    if principal is None or request.method != "POST" or request.url.path != "/v1/messages":
+        return {}
+    # Imported here: the admission module imports this one.
+    from api.anthropic.admission import current_limit_headers
+
+    return await current_limit_headers(request.app.state.platform, principal)
 
 
 async def _handle_http_exception(request: Request, exc: Exception) -> JSONResponse:

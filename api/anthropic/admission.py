@@ -162,6 +162,16 @@ async def finish(platform: Platform, admitted: Admitted, output_tokens: int | No
     await _release_logged(limiter, ticket, Cost(0, 0, unused))
 
 
+async def current_limit_headers(platform: Platform, principal: Principal) -> dict[str, str]:
+    """The caller's rate-limit headers as they stand, charging nothing ({} if Redis is down)."""
+    limiter = RateLimiter(platform.redis, platform.settings)
+    limits = Limits.resolve(principal.rate_limits, platform.settings)
+    try:
+        return (await limiter.peek(rate_subject(principal), limits)).headers()
+    except ApiError:
+        return {}
+
+
 async def _add_current_headers(
     limiter: RateLimiter, subject: str, limits: Limits, exc: ApiError
 ) -> None:

@@ -166,6 +166,11 @@ def test_headers_on_every_messages_response(stack: Stack, make_account: AccountF
     assert_rate_headers(too_long)
     # Refusals before the limit is charged do not spend it.
     assert too_long.headers["anthropic-ratelimit-requests-remaining"] == "49"
+    malformed = send(stack.base_url, key, max_tokens="many")
+    assert malformed.status_code == 400
+    assert "max_tokens" in malformed.json()["error"]["message"]
+    assert_rate_headers(malformed)
+    assert malformed.headers["anthropic-ratelimit-requests-remaining"] == "49"
     plain = httpx.post(
         f"{stack.base_url}/v1/messages",
         json={**BODY, "max_tokens": 1},
