@@ -1,8 +1,8 @@
 """The running batch's KV cache: one left-padded cache whose rows join and leave between steps.
 
-Each new sequence is prefilled alone into its own cache, then merged in: every row is
-left-padded to a common length and the padding is masked out, so a row attends to exactly its
-own tokens, at its own positions, as if it ran alone.
+New sequences are prefilled (alone, or together in one left-padded forward), then merged in:
+every row is left-padded to a common length and the padding is masked out, so a row attends to
+exactly its own tokens, at its own positions, as if it ran alone.
 """
 
 from typing import Any
@@ -92,15 +92,37 @@ class BatchCache:
 
     def join(self, caches: list[DynamicCache]) -> None:
         """Appends one row per single-sequence, unpadded prefill cache."""
-        lengths = [layers_of(c)[0][0].shape[-2] for c in caches]
-        width = max([self.width, *lengths])
-        parts: list[tuple[list[KV], torch.Tensor]] = []
-        if self.cache is not None and self.mask is not None:
-            parts.append((layers_of(self.cache), self.mask))
-        for cache, length in zip(caches, lengths, strict=True):
+        parts = []
+        for cache in caches:
             layers = layers_of(cache)
+            length = layers[0][0].shape[-2]
             ones = torch.ones(1, length, dtype=torch.long, device=layers[0][0].device)
             parts.append((layers, ones))
+        self._append(parts)
+
+    def join_padded(self, layers: list[KV], mask: torch.Tensor, rows: list[int]) -> None:
+        """Appends `rows` of a batched, left-padded prefill cache whose padding `mask` marks."""
+        index = torch.tensor(rows, device=mask.device)
+        mask = mask.index_select(0, index)
+        trim = mask.shape[1] - int(mask.sum(-1).max())  # columns that are padding in every row
+        mask = mask[:, trim:]
+        keep = mask.bool()[:, None, :, None]
+        # Padding positions hold whatever the model computed there: zero them, as padding
+        # added by `_left_pad` is, so nothing but the mask stands between a row and them.
+        picked = [
+            (
+                torch.where(keep, k.index_select(0, index)[:, :, trim:], 0.0),
+                torch.where(keep, v.index_select(0, index)[:, :, trim:], 0.0),
+            )
+            for k, v in layers
+        ]
+        self._append([(picked, mask)])
+
+    def _append(self, parts: list[tuple[list[KV], torch.Tensor]]) -> None:
+        lengths = [int(n) for _, mask in parts for n in mask.sum(-1).tolist()]
+        width = max([self.width, *(mask.shape[1] for _, mask in parts)])
+        if self.cache is not None and self.mask is not None:
+            parts = [(layers_of(self.cache), self.mask), *parts]
         padded = [_left_pad(layers, mask, width) for layers, mask in parts]
         merged = [
             (torch.cat([p[0][i][0] for p in padded]), torch.cat([p[0][i][1] for p in padded]))

@@ -284,3 +284,91 @@ def test_batch_cache_pads_new_rows_and_trims_after_leaving() -> None:
     assert keys[1, 0, 1:, 0].tolist() == [3.0, 3.0, 0.0]
     kv.keep([])
     assert (len(kv), kv.width, kv.cache) == (0, 0, None)
+
+
+def _spy_batched_prefills(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the size of every batched prefill (the real one runs)."""
+    sizes: list[int] = []
+    real = engine._prefill_batch
+
+    def spy(prompts: list[list[int]]) -> object:
+        sizes.append(len(prompts))
+        return real(prompts)
+
+    monkeypatch.setattr(engine, "_prefill_batch", spy)
+    return sizes
+
+
+def test_newcomers_prefilled_together_match_greedy_alone(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prompts of different lengths, so the batched prefill pads some rows; one of them ends at
+    # its first token (max_tokens 1) and must leave before the others join the batch.
+    plans = [
+        (PROMPTS[0], 30),
+        (PROMPTS[3], 20),
+        (PROMPTS[2], 1),
+        (PROMPTS[4], 25),
+        (PROMPTS[1], 20),
+    ]
+    solo = [alone(engine, p, greedy(n), f"pb-solo-{i}") for i, (p, n) in enumerate(plans)]
+    sizes = _spy_batched_prefills(engine, monkeypatch)
+    # A running request keeps the stepping thread busy; the rest arrive during one of its
+    # steps, wait together, and are admitted together at the next.
+    first = engine.submit("pb-0", prompt_ids(engine, plans[0][0]), greedy(plans[0][1]))
+    assert isinstance(first.get(timeout=30), TextChunk)
+    rest = [
+        engine.submit(f"pb-{i}", prompt_ids(engine, p), greedy(n))
+        for i, (p, n) in enumerate(plans[1:], start=1)
+    ]
+    results = [collect(g) for g in rest]
+    assert sizes and max(sizes) >= 2
+    for one, many in zip(solo[1:], results, strict=True):
+        assert (many.ids, many.text, many.final) == (one.ids, one.text, one.final)
+    collect(first)
+    wait_idle(engine)
+
+
+def test_a_failing_batched_prefill_retries_each_alone(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts: list[int] = []
+
+    def broken(prompts: list[list[int]]) -> object:
+        attempts.append(len(prompts))
+        raise RuntimeError("batched prefill failed")
+
+    monkeypatch.setattr(engine, "_prefill_batch", broken)
+    solo = [alone(engine, p, greedy(12), f"fb-solo-{i}") for i, p in enumerate(PROMPTS[:4])]
+    first = engine.submit("fb-first", prompt_ids(engine, PROMPTS[5]), greedy(40))
+    assert isinstance(first.get(timeout=30), TextChunk)
+    rest = [
+        engine.submit(f"fb-{i}", prompt_ids(engine, p), greedy(12))
+        for i, p in enumerate(PROMPTS[:4])
+    ]
+    for one, many in zip(solo, [collect(g) for g in rest], strict=True):
+        assert (many.ids, many.final) == (one.ids, one.final)
+    assert attempts and max(attempts) >= 2
+    collect(first)
+    wait_idle(engine)
+
+
+def test_batch_cache_joins_rows_of_a_padded_prefill() -> None:
+    kv = BatchCache()
+    one = DynamicCache()
+    one.update(torch.full((1, 2, 2, 4), 9.0), torch.full((1, 2, 2, 4), -9.0), 0)
+    kv.join([one])
+    # Three rows of a batched prefill, width 4; row 1 is the longest and does not join, so
+    # one column that is padding in both joining rows goes.
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]])
+    keys = torch.arange(3 * 2 * 4 * 4, dtype=torch.float32).reshape(3, 2, 4, 4) + 1
+    kv.join_padded([(keys, -keys)], mask, [0, 2])
+    assert (len(kv), kv.width, kv.lengths) == (3, 3, [2, 3, 2])
+    assert kv.mask is not None and kv.mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 1, 1]]
+    assert kv.cache is not None
+    joined = kv.cache.layers[0].keys
+    assert joined[1, 0, :, 0].tolist() == keys[0, 0, 1:, 0].tolist()
+    # Padding positions are zeros, whatever the prefill computed there.
+    assert joined[2, 0, 0, :].tolist() == [0.0] * 4
+    assert joined[2, 0, 1:, 0].tolist() == keys[2, 0, 2:, 0].tolist()
+    assert kv.cache.layers[0].values[2, 0, 0, :].tolist() == [0.0] * 4
