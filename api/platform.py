@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from api.errors import OverloadedError
+from api.relay import EventHub
 from api.settings import ApiSettings
 from api.taskqueue import QueueFull, TaskQueue
 from db.ledger import Outcome, settle_request
@@ -40,6 +41,7 @@ class Platform:
 
     def __post_init__(self) -> None:
         self.tasks = TaskQueue(self.celery, self.redis)
+        self.events = EventHub(self.redis)
 
     @classmethod
     def create(cls, settings: ApiSettings) -> "Platform":
@@ -71,6 +73,7 @@ class Platform:
     async def close(self) -> None:
         for task in list(self._background):
             await task
+        await self.events.close()
         await self.redis.aclose()
         self.celery.close()
 

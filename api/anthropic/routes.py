@@ -73,7 +73,7 @@ async def create_message(
 
 async def _start(platform: Platform, admitted: Admitted) -> EventSubscription:
     """Subscribe first, then enqueue: no event can be published before we listen."""
-    subscription = EventSubscription(platform.redis, admitted.request_id)
+    subscription = EventSubscription(platform.events, admitted.request_id)
     try:
         await subscription.__aenter__()
         await platform.enqueue(admitted.spec, admitted.job)
