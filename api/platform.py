@@ -46,19 +46,9 @@ class Platform:
     @classmethod
     def create(cls, settings: ApiSettings) -> "Platform":
         redis_url = settings.require_redis_url()
-        celery = Celery("abl-api", broker=redis_url)
-        celery.conf.update(
-            task_serializer="json",
-            broker_connection_retry_on_startup=True,
-            broker_connection_timeout=2,
-            broker_transport_options={"visibility_timeout": 3600},
-            # Fail fast when Redis is gone: the client gets a 529 instead of a long hang.
-            task_publish_retry_policy={
-                "max_retries": 1,
-                "interval_start": 0.2,
-                "interval_step": 0.5,
-            },
-        )
+        # Only Celery's message factory is used (api/taskqueue.py); the API never connects it.
+        celery = Celery("abl-api")
+        celery.conf.task_serializer = "json"
         return cls(
             settings=settings,
             catalog=load_catalog(settings.models_file),

@@ -68,10 +68,9 @@ class TaskQueue:
         self._app = app
         self._push = client.register_script(_PUSH_BOUNDED)
 
-    async def push(self, task_name: str, args: list[Any], queue: str, *, max_waiting: int) -> int:
-        """Enqueues; returns the backlog it joined. Raises QueueFull when `max_waiting` wait."""
+    async def push(self, task_name: str, args: list[Any], queue: str, *, max_waiting: int) -> None:
+        """Enqueues, or raises QueueFull (pushing nothing) when `max_waiting` already wait."""
         message = task_message(self._app, task_name, args, queue)
         backlog = int(await self._push(keys=[queue], args=[message, max_waiting]))
         if backlog < 0:
             raise QueueFull(-1 - backlog)
-        return backlog

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from sqlalchemy import Connection, Table, bindparam, func, insert, select, text, update
+from sqlalchemy import Connection, Table, bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
 from db.daily_usage import NO_KEY
@@ -76,7 +76,6 @@ _SETTLE = text(
     FROM charged
     """
 )
-_LEDGER_ROWS = insert(LedgerEntry.__table__)
 # A settled request's outcome (Core: fresh from the database, never a stale ORM object).
 _SETTLED = select(
     _REQUEST.c.status, _REQUEST.c.credits_charged, _REQUEST.c.cost_usd, _REQUEST.c.account_id

@@ -98,7 +98,7 @@ async def admit(
         input_ids = await run_in_threadpool(tokenize, platform, spec, body)
         max_tokens = decide_max_tokens(platform, spec, body, len(input_ids))
     except ApiError as exc:
-        await _add_current_headers(limiter, subject, limits, exc)
+        exc.headers = {**await current_limit_headers(platform, principal), **exc.headers}
         raise
     cost = Cost(requests=1, input_tokens=len(input_ids), output_tokens=max_tokens)
     ticket, decision = await limiter.acquire(subject, limits, cost, request_id)
@@ -170,17 +170,6 @@ async def current_limit_headers(platform: Platform, principal: Principal) -> dic
         return (await limiter.peek(rate_subject(principal), limits)).headers()
     except ApiError:
         return {}
-
-
-async def _add_current_headers(
-    limiter: RateLimiter, subject: str, limits: Limits, exc: ApiError
-) -> None:
-    """The rate-limit headers on an error raised before the limits were charged."""
-    try:
-        decision = await limiter.peek(subject, limits)
-    except ApiError:
-        return  # Redis down: the original error is still the right answer
-    exc.headers = {**decision.headers(), **exc.headers}
 
 
 async def _give_back(

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from api.anthropic import sse
@@ -80,7 +79,7 @@ async def _start(platform: Platform, admitted: Admitted) -> EventSubscription:
     except BaseException as exc:
         await subscription.__aexit__(None, None, None)
         await platform.abandon(admitted.request_id, "could not enqueue the request")
-        if isinstance(exc, RedisError | KombuError | OSError | TimeoutError):
+        if isinstance(exc, RedisError | OSError | TimeoutError):
             raise OverloadedError("the request queue is unavailable, retry shortly") from exc
         raise
     return subscription
