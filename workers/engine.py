@@ -1,27 +1,36 @@
 """The model engine: one model, continuous batching, streamed events per request.
 
 One stepping thread owns the model. Each step it drops cancelled sequences, prefills newly
-submitted ones (each alone, so a prompt's numbers never depend on its neighbours), then runs
-one batched forward for every active sequence. The batch shares one left-padded KV cache
+submitted ones (together, in one left-padded forward), then runs one batched forward for
+every active sequence. The batch shares one left-padded KV cache
 (`workers.kv_batch`); sequences join and leave it between steps. No Celery or Redis here:
-callers submit token ids and read events from the returned `Generation`.
+callers submit token ids and read events from the returned `Generation`. A worker runs it in
+a child process of its own (`workers.engine_proc`); tests and `engine_bench` run it in-process.
 """
 
-import contextlib
 import inspect
 import logging
 import os
-import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from workers.events import (
+    EngineStats,
+    Event,
+    Failed,
+    Finished,
+    Generation,
+    StopReason,
+    TextChunk,
+    prompt_problem,
+)
 from workers.kv_batch import KV, BatchCache, layers_of
 from workers.prompting import PromptRenderer
 from workers.protocol import SamplingParams
@@ -30,91 +39,9 @@ from workers.textstream import IncrementalDecoder, StopMatcher
 
 log = logging.getLogger(__name__)
 
-StopReason = Literal["end_turn", "max_tokens", "stop_sequence"]
 # Prompt tokens prefilled per step before the running batch gets its next decode step, so a
 # burst of long prompts cannot stall everyone else's tokens for long.
 PREFILL_TOKENS_PER_STEP = 4096
-
-
-@dataclass
-class TextChunk:
-    """New text (stop sequences removed) and the cumulative number of generated tokens."""
-
-    text: str
-    output_tokens: int
-
-
-@dataclass
-class Finished:
-    """The request ended; always its last event."""
-
-    stop_reason: StopReason | None
-    stop_sequence: str | None
-    output_tokens: int
-    cancelled: bool = False
-
-
-@dataclass
-class Failed:
-    """The request could not run; always its last event."""
-
-    message: str
-
-
-Event = TextChunk | Finished | Failed
-
-
-class Generation:
-    """Handle for one submitted request: its events, in order."""
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        # Generated ids, eos included; complete once the terminal event has been read.
-        self.token_ids: list[int] = []
-        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-
-    def _put(self, event: Event) -> None:
-        self._events.put(event)
-
-    def get(self, timeout: float | None = None) -> Event | None:
-        """The next event, waiting up to `timeout` seconds (None: forever); None on timeout."""
-        try:
-            return self._events.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def drain(self) -> list[Event]:
-        """Every event already queued, without waiting (lets the caller coalesce deltas)."""
-        out: list[Event] = []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                out.append(self._events.get_nowait())
-        return out
-
-    def events(self, timeout: float | None = None) -> Iterator[Event]:
-        """Events until the terminal one; TimeoutError if one takes more than `timeout` s."""
-        while True:
-            event = self.get(timeout)
-            if event is None:
-                raise TimeoutError(f"no event for {self.request_id} in {timeout} s")
-            yield event
-            if isinstance(event, Finished | Failed):
-                return
-
-
-@dataclass
-class EngineStats:
-    active: int = 0  # sequences in the running batch
-    waiting: int = 0  # submitted, not yet prefilled
-    steps: int = 0  # batched decode steps run
-    tokens_generated: int = 0  # all output tokens, eos included
-    max_batch_seen: int = 0  # most sequences in one decode step
-    cancelled: int = 0
-    finished: int = 0  # ended normally (end_turn, max_tokens, stop_sequence)
-    failed: int = 0
-    kv_tokens: int = 0  # real tokens held in the running batch's KV cache
-    kv_padded_tokens: int = 0  # rows x width of that cache, left padding included
-    kv_capacity_tokens: int = 0  # max_batch x max_context: the most it can hold
 
 
 @dataclass
@@ -236,7 +163,9 @@ class Engine:
         self._batch = _Batch()
         self._publish_finals()
 
-    def submit(self, request_id: str, input_ids: list[int], sampling: SamplingParams) -> Generation:
+    def submit(
+        self, request_id: str, input_ids: Sequence[int], sampling: SamplingParams
+    ) -> Generation:
         """Queues a request; its events arrive on the returned Generation."""
         generation = Generation(request_id)
         seq = _Sequence(
@@ -248,7 +177,7 @@ class Engine:
             decoder=IncrementalDecoder(self.renderer.decode),
             stopper=StopMatcher(sampling.stop_sequences),
         )
-        problem = self._check_prompt(seq.prompt)
+        problem = prompt_problem(seq.prompt, self.vocab_size, self.max_context)
         if problem is not None:
             generation._put(Failed(problem))
             return generation
@@ -282,15 +211,6 @@ class Engine:
                     "kv_capacity_tokens": self.max_batch * self.max_context,
                 }
             )
-
-    def _check_prompt(self, ids: list[int]) -> str | None:
-        if not ids:
-            return "the prompt is empty"
-        if len(ids) >= self.max_context:
-            return f"the prompt has {len(ids)} tokens; the context window is {self.max_context}"
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            return f"the prompt has token ids outside the vocabulary (0..{self.vocab_size - 1})"
-        return None
 
     # The stepping thread.
 

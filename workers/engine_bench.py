@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from workers.engine import Engine, Failed, Finished, TextChunk
+from workers.engine import Engine
+from workers.events import Failed, Finished, TextChunk
 from workers.protocol import SamplingParams
 
 TOPICS = ["the weather", "a file system", "sorting lists", "HTTP servers", "unicode", "time zones"]

@@ -20,7 +20,7 @@ from workers.logs import log_request, request_logger
 from workers.protocol import GenerateJob
 
 if TYPE_CHECKING:
-    from workers.engine import EngineStats
+    from workers.events import EngineStats
     from workers.settings import WorkerSettings
 
 log = logging.getLogger("abl.worker.metrics")

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import redis
 
-from workers.engine import Event, Failed, Finished, Generation, TextChunk
+from workers.events import Event, Failed, Finished, Generation, TextChunk
 
 log = logging.getLogger("abl.worker")
 

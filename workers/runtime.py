@@ -8,10 +8,13 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import signal
 import threading
 import time
 from collections import deque
 from decimal import Decimal
+from pathlib import Path
 
 import redis
 
@@ -19,7 +22,8 @@ from db.ledger import Outcome, Settlement, claim_request, settle_request
 from db.pricing import cost_usd, credits_for
 from db.session import connection
 from workers.catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, load_catalog
-from workers.engine import Engine, Failed, Finished, Generation
+from workers.engine_proc import EngineProcess
+from workers.events import Failed, Finished, Generation, ModelEngine
 from workers.metrics import RequestTelemetry, serve_metrics
 from workers.protocol import (
     CANCEL_CHANNEL,
@@ -80,7 +84,7 @@ class WorkerRuntime:
         self.redis = redis.Redis.from_url(settings.require_redis_url())
         self.database_url = settings.require_database_url()
         self.credit_price = Decimal(settings.credit_price_usd)
-        self.engines: dict[str, Engine] = {}
+        self.engines: dict[str, ModelEngine] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         # Requests this process is running, and those it is aborting (shutdown, lost Redis).
@@ -108,13 +112,7 @@ class WorkerRuntime:
         for model_id in self.settings.models:
             spec = self._spec(model_id)
             path = spec.path(self.settings.models_dir)
-            if spec.id == DEFAULT_MODEL_ID and not (path / "config.json").exists():
-                from workers.model_build import build_default_model
-
-                build_default_model(path)
-            engine = Engine.load(
-                path, max_batch=self.settings.max_batch, num_threads=self.settings.torch_threads
-            )
+            engine = self._load_engine(path, build_default=spec.id == DEFAULT_MODEL_ID)
             engine.on_events = self.pump.notify
             engine.start()
             self.engines[model_id] = engine
@@ -137,6 +135,32 @@ class WorkerRuntime:
         for engine in self.engines.values():
             engine.stop()
         self.pump.stop()
+
+    def _load_engine(self, path: Path, *, build_default: bool) -> ModelEngine:
+        """The model's engine: in a child process (`ABL_ENGINE_PROCESS`, the default), whose
+        stepping thread then shares no GIL with this process's per-request work; or here."""
+        if self.settings.engine_process:
+            return EngineProcess(
+                path,
+                max_batch=self.settings.max_batch,
+                num_threads=self.settings.torch_threads,
+                build_default=build_default,
+                on_exit=self._engine_exited,
+            )
+        from workers.engine import Engine  # torch: only when the engine runs in this process
+
+        if build_default and not (path / "config.json").exists():
+            from workers.model_build import build_default_model
+
+            build_default_model(path)
+        return Engine(
+            path, max_batch=self.settings.max_batch, num_threads=self.settings.torch_threads
+        )
+
+    def _engine_exited(self, code: int | None) -> None:
+        """An engine process died (its requests have failed): stop taking jobs, and exit."""
+        log.critical("an engine process exited (status %s); shutting this worker down", code)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _spec(self, model_id: str) -> ModelSpec:
         spec = self.catalog.get(model_id)

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from infra.bench.stats import RequestRecord
-from workers.engine import Engine, Failed, Finished, TextChunk
+from workers.engine import Engine
 from workers.engine_bench import sequential_generate
+from workers.events import Failed, Finished, TextChunk
 from workers.protocol import SamplingParams
 
 

@@ -30,29 +30,55 @@ def engine_stats(beats: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def rss_mb(pid: int) -> float | None:
-    """Resident memory of a process in MiB (psutil when present, else /proc)."""
+    """Resident memory of one process in MiB; None when it is gone."""
     try:
-        import psutil
-    except ModuleNotFoundError:
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            return None
-        line = next((x for x in status.splitlines() if x.startswith("VmRSS:")), None)
-        return int(line.split()[1]) / 1024 if line else None
-    try:
-        return float(psutil.Process(pid).memory_info().rss) / (1024 * 1024)
-    except psutil.Error:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
         return None
+    line = next((x for x in status.splitlines() if x.startswith("VmRSS:")), None)
+    return int(line.split()[1]) / 1024 if line else None
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes started by `pid`, and by them, and so on (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")".
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def tree_rss_mb(pid: int, children: list[int] | None = None) -> float | None:
+    """Resident memory in MiB of a process and its descendants (a worker and its engine
+    processes; pass them when known); None when the process is gone."""
+    own = rss_mb(pid)
+    if own is None:
+        return None
+    kids = descendants(pid) if children is None else children
+    return own + sum(rss_mb(child) or 0.0 for child in kids)
 
 
 class RssSampler:
-    """Samples the resident memory of some processes in a thread; keeps each one's peak."""
+    """Samples the resident memory of some processes (with their descendants) in a thread;
+    keeps each one's peak."""
 
-    def __init__(self, pids: list[int], interval_s: float = 0.1) -> None:
+    def __init__(self, pids: list[int], interval_s: float = 0.1, rescan_s: float = 5.0) -> None:
         self.pids = pids
         self.interval_s = interval_s
         self.peak_mb: dict[int, float] = {}
+        # Scanning /proc for descendants costs more than reading RSS: done every `rescan_s`.
+        self.rescan_s = rescan_s
+        self._children: dict[int, list[int]] = {}
+        self._scanned_at = float("-inf")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
@@ -65,8 +91,11 @@ class RssSampler:
         self._thread.join()
 
     def sample(self) -> None:
+        if time.monotonic() - self._scanned_at >= self.rescan_s:
+            self._children = {pid: descendants(pid) for pid in self.pids}
+            self._scanned_at = time.monotonic()
         for pid in self.pids:
-            mb = rss_mb(pid)
+            mb = tree_rss_mb(pid, self._children.get(pid))
             if mb is not None:
                 self.peak_mb[pid] = max(mb, self.peak_mb.get(pid, 0.0))
 

@@ -6,6 +6,7 @@ never disturbs the session's stack. The tests run in file order; each leaves the
 """
 
 import json
+import os
 import secrets
 import signal
 import threading
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session
 from db.ledger import reconcile
 from db.models import Account, Request
 from db.session import get_sessionmaker
+from infra.bench.observe import descendants
 from infra.stack import Stack
 from workers.protocol import TASK_GENERATE, GenerateJob, SamplingParams
 
@@ -253,6 +255,31 @@ def test_worker_sigterm_ends_streams_with_an_error(fault_stack: Stack, key: str)
     assert fault_stack.workers[index].wait(30) is not None  # it exits, within the grace
     assert request_row(fault_stack, request_id).status == "failed"
     _restart_workers(fault_stack)
+    books_are_straight(fault_stack)
+
+
+def test_engine_process_killed_mid_stream(fault_stack: Stack, key: str) -> None:
+    """The engine runs in a child of the worker: if it dies, its requests fail with a typed
+    error and nothing charged, and the worker exits rather than take jobs it cannot run."""
+    client, response, events = start_long_stream(fault_stack, key)
+    request_id = response.headers["request-id"]
+    worker = request_row(fault_stack, request_id).worker
+    assert worker is not None
+    index = int(worker.split("-")[1])
+    worker_pid = fault_stack.workers[index].pid
+    assert worker_pid is not None
+    (engine_pid,) = descendants(worker_pid)
+    os.kill(engine_pid, signal.SIGKILL)
+    rest = list(events)
+    response.close()
+    client.close()
+    assert rest[-1][0] == "error"
+    assert rest[-1][1]["error"]["type"] == "api_error"
+    assert fault_stack.workers[index].wait(30) is not None
+    row = request_row(fault_stack, request_id)
+    assert row.status == "failed" and row.credits_charged == 0
+    _restart_workers(fault_stack)
+    ok_request(fault_stack, key)
     books_are_straight(fault_stack)
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from workers.engine import Engine, Failed, Finished, Generation, TextChunk
+from workers.engine import Engine
+from workers.events import Failed, Finished, Generation, TextChunk
 from workers.kv_batch import BatchCache
 from workers.protocol import SamplingParams
 

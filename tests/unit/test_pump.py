@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import redis
 
-from workers.engine import Finished, Generation, TextChunk
+from workers.events import Finished, Generation, TextChunk
 from workers.pump import DeltaPump
 
 
