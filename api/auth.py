@@ -12,13 +12,14 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import Connection
 
 from api.admin.jwt_tokens import verify_account_token
 from api.errors import AuthenticationError, PermissionDeniedError
 from api.settings import ApiSettings
 from db.accounts import KEY_PREFIX, find_live_key, needs_touch, touch_key
 from db.models import Account
-from db.session import get_engine, transaction
+from db.session import in_autocommit, transaction
 
 
 @dataclass(frozen=True)
@@ -55,17 +56,19 @@ def credential_of(request: Request) -> str:
 def _lookup(database_url: str, credential: str) -> Principal:
     # One Core read in autocommit (no BEGIN/ROLLBACK round trips: 0.63 -> 0.36 ms in-process);
     # the last_used_at write, itself one statement, at most once a minute.
-    engine = get_engine(database_url)
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        key = find_live_key(connection, credential)
-        if key is None:
-            raise AuthenticationError("invalid API key")
-        if key.account_disabled:
-            raise PermissionDeniedError("this account is disabled")
-        if needs_touch(key.last_used_at, datetime.now(UTC)):
-            touch_key(connection, key.id)
-        limits = merged_limits(key.account_rate_limits, key.rate_limits)
-        return Principal(key.account_id, key.id, key.prefix, limits)
+    return in_autocommit(database_url, lambda connection: _lookup_on(connection, credential))
+
+
+def _lookup_on(connection: Connection, credential: str) -> Principal:
+    key = find_live_key(connection, credential)
+    if key is None:
+        raise AuthenticationError("invalid API key")
+    if key.account_disabled:
+        raise PermissionDeniedError("this account is disabled")
+    if needs_touch(key.last_used_at, datetime.now(UTC)):
+        touch_key(connection, key.id)
+    limits = merged_limits(key.account_rate_limits, key.rate_limits)
+    return Principal(key.account_id, key.id, key.prefix, limits)
 
 
 def _lookup_account(database_url: str, account_id: str) -> Principal:

@@ -38,6 +38,8 @@ class Platform:
     # Set on SIGTERM: open streams end with an error event instead of hanging on.
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
+    # Models whose tokenizer this process has loaded (api/anthropic/admission.tokenize_async).
+    loaded_tokenizers: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.tasks = TaskQueue(self.celery, self.redis)

@@ -1,5 +1,6 @@
 """Credit movements. Every change to a balance or a reserve writes one ledger row in the
-same transaction, with conditional updates (never read-then-write). Callers own the commit."""
+same transaction, with conditional updates (never read-then-write). Callers own the commit; the
+hot paths run their one statement in autocommit (`db.session.autocommit`)."""
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,11 +17,21 @@ from db.models import BALANCE_KINDS, RESERVATION_KINDS, Account, LedgerEntry, Re
 # the worker's GIL beside the engine's stepping thread (docs/benchmarks.md).
 _REQUEST: Table = Request.__table__  # type: ignore[assignment]
 _ACCOUNT: Table = Account.__table__  # type: ignore[assignment]
-_CLAIM = (
-    update(_REQUEST)
-    .where(_REQUEST.c.id == bindparam("request_id"), _REQUEST.c.status == "queued")
-    .values(status="running", worker=bindparam("claimed_by"), started_at=bindparam("claimed_at"))
-    .returning(_REQUEST.c.id)
+# Inside a statement, this makes its transaction's commit return before the WAL reaches the
+# disk (like SET LOCAL synchronous_commit, which needs a transaction block): for the steps that
+# charge nothing (the reservation and the claim), also when run alone in autocommit, which
+# then costs one round trip and holds the account's row lock only inside the server. A crash
+# of Postgres itself in the next ~0.2 s can lose such a step, atomically; any later synchronous
+# commit (a settlement) flushes it too.
+_ASYNC_COMMIT = "async_commit AS (SELECT set_config('synchronous_commit', 'off', true) AS v)"
+_CLAIM = text(
+    f"""
+    WITH {_ASYNC_COMMIT}
+    UPDATE request SET status = 'running', worker = :claimed_by, started_at = :claimed_at
+    FROM async_commit
+    WHERE id = :request_id AND status = 'queued'
+    RETURNING id
+    """
 )
 # A settlement in one statement (one round trip): the request leaves queued/running (the
 # condition that makes settlement happen once), the account is charged and its hold released,
@@ -153,22 +164,15 @@ class NewRequest:
     credits_reserved: int
 
 
-def commit_without_flush_wait(session: Session | Connection) -> None:
-    """This transaction's commit returns before its WAL reaches the disk (synchronous_commit
-    off): one fsync less on a request's way to its first token. A crash of Postgres itself in
-    the next ~0.2 s can lose it, atomically, and only steps that charged nothing use it (the
-    reservation and the claim); any later synchronous commit (a settlement) flushes it too."""
-    session.execute(text("SET LOCAL synchronous_commit TO OFF"))
-
-
 # The request row, its reservation and the reservation's ledger row in one statement: the
 # account update is conditional (never read-then-write), and the two inserts take their rows
 # from it, so either all three happen or none. One round trip instead of five ORM statements
 # (docs/benchmarks.md: 3.4 -> 1.2 ms per admission on an idle machine).
 _OPEN = text(
-    """
-    WITH held AS (
+    f"""
+    WITH {_ASYNC_COMMIT}, held AS (
         UPDATE account SET reserved_credits = reserved_credits + :n
+        FROM async_commit
         WHERE id = :account_id AND NOT disabled AND credit_balance - reserved_credits >= :n
         RETURNING credit_balance, reserved_credits
     ), opened AS (
@@ -193,7 +197,6 @@ _ACCOUNT_STATE = select(
 
 def open_request(session: Session | Connection, req: NewRequest) -> None:
     """Insert the request (queued) and reserve its worst-case credits, or raise."""
-    commit_without_flush_wait(session)
     params = {
         "n": req.credits_reserved,
         "account_id": req.account_id,
@@ -215,7 +218,6 @@ def open_request(session: Session | Connection, req: NewRequest) -> None:
 
 def claim_request(session: Session | Connection, request_id: str, worker: str) -> bool:
     """queued -> running; False if another delivery already claimed or settled it."""
-    commit_without_flush_wait(session)
     params = {"request_id": request_id, "claimed_by": worker, "claimed_at": datetime.now(UTC)}
     return session.execute(_CLAIM, params).first() is not None
 
@@ -274,7 +276,8 @@ def settle_request(
             cost_usd=done.cost_usd,
             already_settled=True,
         )
-    # Every part of the statement ran: the ledger rows and the day's usage row are written.
+    # Every part of the statement ran: the ledger rows and the day's usage row are written (the
+    # statement guarantees it; in autocommit this checks what is already committed).
     assert row.entries == (2 if charge else 1) and row.usage == 1, row
     return Settlement(
         status=outcome.status,

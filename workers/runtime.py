@@ -20,7 +20,7 @@ import redis
 
 from db.ledger import Outcome, Settlement, claim_request, settle_request
 from db.pricing import cost_usd, credits_for
-from db.session import connection
+from db.session import in_autocommit
 from workers.catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, load_catalog
 from workers.engine_proc import EngineProcess
 from workers.events import Failed, Finished, Generation, ModelEngine
@@ -214,8 +214,10 @@ class WorkerRuntime:
         # The prefill runs while the claim commits; nothing is published unless it succeeds.
         early = self._submit_early(job)
         try:
-            with connection(self.database_url) as session:
-                claimed = claim_request(session, job.request_id, self.settings.worker_name)
+            claimed = in_autocommit(
+                self.database_url,
+                lambda conn: claim_request(conn, job.request_id, self.settings.worker_name),
+            )
         except BaseException:
             self._drop_early(job, early)
             raise
@@ -330,8 +332,9 @@ class WorkerRuntime:
                 stop_reason=None if final.cancelled else final.stop_reason,
                 stop_sequence=final.stop_sequence,
             )
-        with connection(self.database_url) as session:
-            settlement = settle_request(session, job.request_id, outcome)
+        settlement = in_autocommit(
+            self.database_url, lambda conn: settle_request(conn, job.request_id, outcome)
+        )
         try:
             self._publish_end(publisher, settlement, outcome, input_tokens, error_type)
         except redis.RedisError:

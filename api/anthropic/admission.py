@@ -26,7 +26,7 @@ from api.platform import Platform
 from api.ratelimit import Cost, Limits, RateLimiter, Ticket
 from db.ledger import AccountUnavailable, InsufficientCredits, NewRequest, open_request
 from db.pricing import cost_usd, credits_for
-from db.session import connection
+from db.session import in_autocommit
 from workers.catalog import ModelSpec
 from workers.protocol import GenerateJob
 
@@ -58,6 +58,27 @@ def resolve_model(platform: Platform, model_id: str) -> ModelSpec:
 def tokenize(platform: Platform, spec: ModelSpec, body: CountTokensRequest) -> list[int]:
     renderer = platform.renderer(spec)
     return renderer.encode(renderer.render(body.system_text(), body.conversation()))
+
+
+# A prompt up to this many characters is tokenized on the event loop (about 0.5 ms at most
+# here), where the hop to a worker thread and back took 2-3 ms under load
+# (docs/benchmarks.md); a longer one, or a model's first, whose tokenizer loads from disk,
+# in a worker thread.
+INLINE_TOKENIZE_CHARS = 2048
+
+
+def prompt_chars(body: CountTokensRequest) -> int:
+    return len(body.system_text() or "") + sum(len(text) for _, text in body.conversation())
+
+
+async def tokenize_async(
+    platform: Platform, spec: ModelSpec, body: CountTokensRequest
+) -> list[int]:
+    if spec.id in platform.loaded_tokenizers and prompt_chars(body) <= INLINE_TOKENIZE_CHARS:
+        return tokenize(platform, spec, body)
+    ids = await run_in_threadpool(tokenize, platform, spec, body)
+    platform.loaded_tokenizers.add(spec.id)
+    return ids
 
 
 def decide_max_tokens(platform: Platform, spec: ModelSpec, body: MessagesRequest, n_in: int) -> int:
@@ -95,7 +116,7 @@ async def admit(
     subject = rate_subject(principal)
     try:
         spec = resolve_model(platform, body.model)
-        input_ids = await run_in_threadpool(tokenize, platform, spec, body)
+        input_ids = await tokenize_async(platform, spec, body)
         max_tokens = decide_max_tokens(platform, spec, body, len(input_ids))
     except ApiError as exc:
         exc.headers = {**await current_limit_headers(platform, principal), **exc.headers}
@@ -193,8 +214,7 @@ async def _release_logged(limiter: RateLimiter, ticket: Ticket, refund: Cost) ->
 
 def _open(database_url: str, new: NewRequest) -> None:
     try:
-        with connection(database_url) as conn:
-            open_request(conn, new)
+        in_autocommit(database_url, lambda conn: open_request(conn, new))
     except InsufficientCredits as exc:
         raise BillingError(
             f"insufficient credits: this request may cost up to {exc.needed} credits,"

@@ -4,12 +4,11 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
 
 from api.anthropic import sse
-from api.anthropic.admission import Admitted, admit, finish, resolve_model, tokenize
+from api.anthropic.admission import Admitted, admit, finish, resolve_model, tokenize_async
 from api.anthropic.convert import message_delta_event, message_response, model_info, models_page
 from api.anthropic.protocol import CountTokensRequest, MessagesRequest, ModelInfo, TokenCount
 from api.auth import PrincipalDep
@@ -194,7 +193,7 @@ async def count_tokens(
     body: CountTokensRequest, principal: PrincipalDep, platform: PlatformDep
 ) -> TokenCount:
     spec = resolve_model(platform, body.model)
-    ids = await run_in_threadpool(tokenize, platform, spec, body)
+    ids = await tokenize_async(platform, spec, body)
     return TokenCount(input_tokens=len(ids))
 
 
