@@ -136,20 +136,33 @@ def print_summary(stack: Stack, admin_token: str, generated: bool) -> None:
     print("Ctrl-C stops everything.", flush=True)
 
 
+# A worker that exits (its engine process died, or it was killed) is started again after this
+# long; its requests have already failed or will be settled by the sweeper.
+WORKER_RESTART_DELAY_S = 5.0
+
+
 def supervise(stack: Stack) -> int:
-    """Wait until interrupted; a dead API ends the run, a dead worker is reported once."""
-    reported: set[str] = set()
+    """Wait until interrupted; a dead API ends the run, a dead worker is reported and restarted."""
+    died_at: dict[int, float] = {}
     while True:
         time.sleep(1.0)
         if stack.api is not None and not stack.api.alive:
             err_console.print(f"[red]the API exited ({stack.api.returncode})[/red]")
             err_console.print(stack.api.tail(), markup=False, highlight=False)
             return 1
-        for worker in stack.workers:
-            if not worker.alive and worker.name not in reported:
-                reported.add(worker.name)
-                err_console.print(f"[yellow]{worker.name} exited ({worker.returncode})[/yellow]")
+        for i, worker in enumerate(stack.workers):
+            if worker.alive:
+                continue
+            if i not in died_at:
+                died_at[i] = time.monotonic()
+                err_console.print(
+                    f"[yellow]{worker.name} exited ({worker.returncode}); restarting it in"
+                    f" {WORKER_RESTART_DELAY_S:.0f} s[/yellow]"
+                )
                 err_console.print(worker.tail(20), markup=False, highlight=False)
+            elif time.monotonic() - died_at[i] >= WORKER_RESTART_DELAY_S:
+                del died_at[i]
+                stack.start_worker(i)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
