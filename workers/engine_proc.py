@@ -278,8 +278,11 @@ def serve(conn: Connection, model_path: Path, max_batch: int, num_threads: int |
                         live[request_id] = engine.submit(
                             request_id, ids, SamplingParams.model_validate(sampling)
                         )
-                    except ValueError as exc:  # still running here: the worker checks first
+                    except ValueError as exc:  # still running here (the worker checks first)
                         log.error("refused %s: %s", request_id, exc)
+                        refused = [(request_id, [Failed(f"refused: {exc}")])]
+                        with contextlib.suppress(OSError):
+                            conn.send(("events", refused, dataclasses.astuple(engine.stats)))
                 ship()  # a prompt the engine refused has its Failed queued already
             elif message[0] == "cancel":
                 engine.cancel(message[1])

@@ -3,18 +3,20 @@ child's life is tied to the worker's (real child processes, the default model)."
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
 
 from workers.engine import Engine
-from workers.engine_proc import EngineProcess
+from workers.engine_proc import EngineProcess, serve
 from workers.events import Failed, Finished, Generation, TextChunk
 from workers.prompting import PromptRenderer
 from workers.protocol import SamplingParams
@@ -172,7 +174,7 @@ def test_the_child_exits_when_the_worker_is_killed(default_model_dir: Path) -> N
     script = textwrap.dedent(
         f"""
         import sys, time
-        from workers.engine_proc import EngineProcess
+        from workers.engine_proc import EngineProcess, serve
         engine = EngineProcess.load({str(default_model_dir)!r}, max_batch=2)
         print(engine.pid, flush=True)
         time.sleep(600)
@@ -188,3 +190,30 @@ def test_the_child_exits_when_the_worker_is_killed(default_model_dir: Path) -> N
         wait_until(lambda: not alive(child))
     finally:
         worker.kill()
+
+
+def test_the_child_answers_a_duplicate_submit_with_a_failure(
+    default_model_dir: Path, renderer: PromptRenderer
+) -> None:
+    """The child's side of the socket, run here: a request id it already runs is refused with a
+    Failed event (the worker side never sends one, but must not wait forever if it did)."""
+    ours, theirs = socket.socketpair()
+    worker, child = Connection(ours.detach()), Connection(theirs.detach())
+    thread = threading.Thread(target=serve, args=(child, default_model_dir, 2, None), daemon=True)
+    thread.start()
+    try:
+        assert worker.recv()[0] == "ready"
+        submit = ("submit", "dup", ids_of(renderer, PROMPTS[0]), greedy(1000).model_dump())
+        worker.send(submit)
+        worker.send(submit)
+        refusals: list[Failed] = []
+        while not refusals:
+            assert worker.poll(30)
+            _, shipped, _ = worker.recv()
+            refusals += [e for rid, events in shipped for e in events if isinstance(e, Failed)]
+        assert refusals[0].message.startswith("refused")
+        worker.send(("cancel", "dup"))
+    finally:
+        worker.send(("stop",))
+        thread.join(30)
+    assert not thread.is_alive()
