@@ -6,12 +6,9 @@ Kept free of torch, so a worker process whose engine runs in a child process
 
 import contextlib
 import queue
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
-
-if TYPE_CHECKING:
-    from workers.protocol import SamplingParams
+from typing import Literal
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence"]
 
@@ -111,23 +108,3 @@ def prompt_problem(ids: list[int], vocab_size: int, max_context: int) -> str | N
     if min(ids) < 0 or max(ids) >= vocab_size:
         return f"the prompt has token ids outside the vocabulary (0..{vocab_size - 1})"
     return None
-
-
-class ModelEngine(Protocol):
-    """What a worker uses of an engine: `workers.engine.Engine` in this process, or
-    `workers.engine_proc.EngineProcess` in a child process."""
-
-    on_events: Callable[[], None] | None
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def submit(
-        self, request_id: str, input_ids: Sequence[int], sampling: "SamplingParams"
-    ) -> Generation: ...
-
-    def cancel(self, request_id: str) -> bool: ...
-
-    @property
-    def stats(self) -> EngineStats: ...

@@ -23,7 +23,7 @@ from db.pricing import cost_usd, credits_for
 from db.session import in_autocommit
 from workers.catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, load_catalog
 from workers.engine_proc import EngineProcess
-from workers.events import Failed, Finished, Generation, ModelEngine
+from workers.events import Failed, Finished, Generation
 from workers.metrics import RequestTelemetry, serve_metrics
 from workers.protocol import (
     CANCEL_CHANNEL,
@@ -84,7 +84,7 @@ class WorkerRuntime:
         self.redis = redis.Redis.from_url(settings.require_redis_url())
         self.database_url = settings.require_database_url()
         self.credit_price = Decimal(settings.credit_price_usd)
-        self.engines: dict[str, ModelEngine] = {}
+        self.engines: dict[str, EngineProcess] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         # Requests this process is running, and those it is aborting (shutdown, lost Redis).
@@ -136,25 +136,15 @@ class WorkerRuntime:
             engine.stop()
         self.pump.stop()
 
-    def _load_engine(self, path: Path, *, build_default: bool) -> ModelEngine:
-        """The model's engine: in a child process (`ABL_ENGINE_PROCESS`, the default), whose
-        stepping thread then shares no GIL with this process's per-request work; or here."""
-        if self.settings.engine_process:
-            return EngineProcess(
-                path,
-                max_batch=self.settings.max_batch,
-                num_threads=self.settings.torch_threads,
-                build_default=build_default,
-                on_exit=self._engine_exited,
-            )
-        from workers.engine import Engine  # torch: only when the engine runs in this process
-
-        if build_default and not (path / "config.json").exists():
-            from workers.model_build import build_default_model
-
-            build_default_model(path)
-        return Engine(
-            path, max_batch=self.settings.max_batch, num_threads=self.settings.torch_threads
+    def _load_engine(self, path: Path, *, build_default: bool) -> EngineProcess:
+        """The model's engine, in a child process (`workers/engine_proc.py`): its stepping
+        thread shares no GIL with this process's per-request work (docs/benchmarks.md)."""
+        return EngineProcess(
+            path,
+            max_batch=self.settings.max_batch,
+            num_threads=self.settings.torch_threads,
+            build_default=build_default,
+            on_exit=self._engine_exited,
         )
 
     def _engine_exited(self, code: int | None) -> None:

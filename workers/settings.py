@@ -13,9 +13,6 @@ class WorkerSettings(CoreSettings):
     # Comma-separated catalogue ids this worker serves (one engine each).
     worker_models: str = DEFAULT_MODEL_ID
     worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    # Run each model's engine in a child process, so its stepping thread shares no GIL with
-    # this process's per-request work (Celery, Postgres, Redis); false: in this process.
-    engine_process: bool = True
     # Sequences decoded together; also the Celery thread-pool size.
     max_batch: int = Field(default=16, ge=1)
     # torch threads of each engine on CPU; unset: one fewer than the cores this process may use.
