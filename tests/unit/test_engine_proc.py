@@ -15,23 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_engine import PROMPTS, greedy
 from workers.engine import Engine
 from workers.engine_proc import EngineProcess, serve
 from workers.events import Failed, Finished, Generation, TextChunk
 from workers.prompting import PromptRenderer
-from workers.protocol import SamplingParams
-
-PROMPTS = [
-    "Hello there, how are you?",
-    "Write a function that sorts a list of numbers in Python, please.",
-    "x",
-    "Tell me about time zones, daylight saving, and leap seconds in great detail. " * 4,
-    "What is 2 + 2?",
-]
-
-
-def greedy(max_tokens: int = 24, **kw: object) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)  # type: ignore[arg-type]
 
 
 def collect(generation: Generation, timeout: float = 60) -> tuple[str, Finished | Failed]:
