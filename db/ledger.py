@@ -1,6 +1,6 @@
 """Credit movements. Every change to a balance or a reserve writes one ledger row in the
 same transaction, with conditional updates (never read-then-write). Callers own the commit; the
-hot paths run their one statement in autocommit (`db.session.autocommit`)."""
+hot paths run their one statement in autocommit (`db.session.in_autocommit`)."""
 
 from dataclasses import dataclass
 from datetime import UTC, datetime

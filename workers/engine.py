@@ -29,7 +29,6 @@ from workers.events import (
     Generation,
     StopReason,
     TextChunk,
-    prompt_problem,
 )
 from workers.kv_batch import KV, BatchCache, layers_of
 from workers.prompting import PromptRenderer
@@ -177,7 +176,7 @@ class Engine:
             decoder=IncrementalDecoder(self.renderer.decode),
             stopper=StopMatcher(sampling.stop_sequences),
         )
-        problem = prompt_problem(seq.prompt, self.vocab_size, self.max_context)
+        problem = self._check_prompt(seq.prompt)
         if problem is not None:
             generation._put(Failed(problem))
             return generation
@@ -211,6 +210,15 @@ class Engine:
                     "kv_capacity_tokens": self.max_batch * self.max_context,
                 }
             )
+
+    def _check_prompt(self, ids: list[int]) -> str | None:
+        if not ids:
+            return "the prompt is empty"
+        if len(ids) >= self.max_context:
+            return f"the prompt has {len(ids)} tokens; the context window is {self.max_context}"
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            return f"the prompt has token ids outside the vocabulary (0..{self.vocab_size - 1})"
+        return None
 
     # The stepping thread.
 

@@ -6,8 +6,7 @@ steps slower than the engine alone (docs/benchmarks.md). Here the stepping threa
 interpreter to itself; the worker talks to it over one socket, with pickled tuples:
 
     worker -> child   ("submit", request_id, input_ids, sampling), ("cancel", request_id), ("stop",)
-    child -> worker   ("ready", {vocab_size, max_context}), ("events", [(request_id, [event]), ...],
-                      stats)
+    child -> worker   ("ready", stats), ("events", [(request_id, [event, ...]), ...], stats)
 
 After each engine step the child sends the new events of every request in one message, with the
 engine's stats. The worker side routes them to each request's `Generation`, exactly the handle an
@@ -33,7 +32,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from workers.events import EngineStats, Event, Failed, Generation, is_terminal, prompt_problem
+from workers.events import EngineStats, Event, Failed, Generation, is_terminal
 from workers.protocol import SamplingParams
 
 log = logging.getLogger("abl.worker.engine")
@@ -61,8 +60,6 @@ class EngineProcess:
         self.on_events: Callable[[], None] | None = None
         # Called with the child's exit status when it ends without being told to.
         self.on_exit = on_exit
-        self.vocab_size = 0
-        self.max_context = 0
         self._live: dict[str, Generation] = {}
         self._lock = threading.Lock()  # `_live`, `_dead`, and sending on `_conn`
         self._stats = EngineStats()
@@ -108,7 +105,7 @@ class EngineProcess:
         try:
             if not ready:
                 raise TimeoutError(f"no engine after {self.ready_timeout_s:.0f} s")
-            kind, info = self._conn.recv()
+            kind, stats = self._conn.recv()
         except (EOFError, OSError, TimeoutError) as exc:
             self._proc.kill()
             code = self._proc.wait()
@@ -118,9 +115,7 @@ class EngineProcess:
                 f"(exit status {code}): {exc or 'it exited'}"
             ) from None
         assert kind == "ready"
-        self.vocab_size = int(info["vocab_size"])
-        self.max_context = int(info["max_context"])
-        self._stats = EngineStats(*info["stats"])
+        self._stats = EngineStats(*stats)
         self._reader = threading.Thread(target=self._read, name="engine-events", daemon=True)
         self._reader.start()
 
@@ -141,21 +136,18 @@ class EngineProcess:
     def submit(
         self, request_id: str, input_ids: Sequence[int], sampling: SamplingParams
     ) -> Generation:
-        """Queues a request in the child; its events arrive on the returned Generation."""
+        """Queues a request in the child (whose engine checks the prompt); its events arrive on
+        the returned Generation."""
         generation = Generation(request_id)
-        ids = list(input_ids)
-        problem = prompt_problem(ids, self.vocab_size, self.max_context)
         with self._lock:
             if request_id in self._live:
                 raise ValueError(f"request {request_id} is already running")
-            if problem is None:
-                problem = self._dead
-            if problem is not None:
-                generation._put(Failed(problem))
+            if self._dead is not None:
+                generation._put(Failed(self._dead))
                 return generation
             self._live[request_id] = generation
             # A send that fails means the child is gone: the reader fails the request.
-            self._send_locked(("submit", request_id, ids, sampling.model_dump()))
+            self._send_locked(("submit", request_id, list(input_ids), sampling.model_dump()))
         return generation
 
     def cancel(self, request_id: str) -> bool:
@@ -253,16 +245,7 @@ def serve(conn: Connection, model_path: Path, max_batch: int, num_threads: int |
                     conn.send(("events", shipped, dataclasses.astuple(engine.stats)))
 
     engine.on_events = ship
-    conn.send(
-        (
-            "ready",
-            {
-                "vocab_size": engine.vocab_size,
-                "max_context": engine.max_context,
-                "stats": dataclasses.astuple(engine.stats),
-            },
-        )
-    )
+    conn.send(("ready", dataclasses.astuple(engine.stats)))
     engine.start()
     try:
         while True:

@@ -97,14 +97,3 @@ class EngineStats:
     kv_tokens: int = 0  # real tokens held in the running batch's KV cache
     kv_padded_tokens: int = 0  # rows x width of that cache, left padding included
     kv_capacity_tokens: int = 0  # max_batch x max_context: the most it can hold
-
-
-def prompt_problem(ids: list[int], vocab_size: int, max_context: int) -> str | None:
-    """Why an engine cannot run this prompt, or None when it can."""
-    if not ids:
-        return "the prompt is empty"
-    if len(ids) >= max_context:
-        return f"the prompt has {len(ids)} tokens; the context window is {max_context}"
-    if min(ids) < 0 or max(ids) >= vocab_size:
-        return f"the prompt has token ids outside the vocabulary (0..{vocab_size - 1})"
-    return None

@@ -14,7 +14,6 @@ import threading
 import time
 from collections import deque
 from decimal import Decimal
-from pathlib import Path
 
 import redis
 
@@ -112,7 +111,15 @@ class WorkerRuntime:
         for model_id in self.settings.models:
             spec = self._spec(model_id)
             path = spec.path(self.settings.models_dir)
-            engine = self._load_engine(path, build_default=spec.id == DEFAULT_MODEL_ID)
+            # In a child process: its stepping thread shares no GIL with this process's
+            # per-request work (workers/engine_proc.py, docs/benchmarks.md).
+            engine = EngineProcess(
+                path,
+                max_batch=self.settings.max_batch,
+                num_threads=self.settings.torch_threads,
+                build_default=spec.id == DEFAULT_MODEL_ID,
+                on_exit=self._engine_exited,
+            )
             engine.on_events = self.pump.notify
             engine.start()
             self.engines[model_id] = engine
@@ -135,17 +142,6 @@ class WorkerRuntime:
         for engine in self.engines.values():
             engine.stop()
         self.pump.stop()
-
-    def _load_engine(self, path: Path, *, build_default: bool) -> EngineProcess:
-        """The model's engine, in a child process (`workers/engine_proc.py`): its stepping
-        thread shares no GIL with this process's per-request work (docs/benchmarks.md)."""
-        return EngineProcess(
-            path,
-            max_batch=self.settings.max_batch,
-            num_threads=self.settings.torch_threads,
-            build_default=build_default,
-            on_exit=self._engine_exited,
-        )
 
     def _engine_exited(self, code: int | None) -> None:
         """An engine process died (its requests have failed): stop taking jobs, and exit."""

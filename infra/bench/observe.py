@@ -57,14 +57,13 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def tree_rss_mb(pid: int, children: list[int] | None = None) -> float | None:
-    """Resident memory in MiB of a process and its descendants (a worker and its engine
-    processes; pass them when known); None when the process is gone."""
+def tree_rss_mb(pid: int, children: list[int]) -> float | None:
+    """Resident memory in MiB of a process and its `children` (a worker and its engine
+    process); None when the process is gone."""
     own = rss_mb(pid)
     if own is None:
         return None
-    kids = descendants(pid) if children is None else children
-    return own + sum(rss_mb(child) or 0.0 for child in kids)
+    return own + sum(rss_mb(child) or 0.0 for child in children)
 
 
 class RssSampler:
@@ -95,7 +94,7 @@ class RssSampler:
             self._children = {pid: descendants(pid) for pid in self.pids}
             self._scanned_at = time.monotonic()
         for pid in self.pids:
-            mb = tree_rss_mb(pid, self._children.get(pid))
+            mb = tree_rss_mb(pid, self._children.get(pid, []))
             if mb is not None:
                 self.peak_mb[pid] = max(mb, self.peak_mb.get(pid, 0.0))
 
