@@ -38,7 +38,7 @@ bench: $(STAMP)
 # Billing queries at scale: a scratch database on ABL_BENCH_DATABASE_URL's server (default: the
 # machine's PostgreSQL, postgres@127.0.0.1:5432), 1M requests, 3M ledger rows; docs/billing.md.
 bench-usage: $(STAMP)
-	$(BIN)/python -m infra.bench_usage $(if $(ABL_BENCH_DATABASE_URL),--database-url $(ABL_BENCH_DATABASE_URL)) $(BENCH_USAGE_ARGS)
+	$(BIN)/python -m infra.bench.billing $(if $(ABL_BENCH_DATABASE_URL),--database-url $(ABL_BENCH_DATABASE_URL)) $(BENCH_USAGE_ARGS)
 
 soak: $(STAMP)
 	$(BIN)/abl soak $(SOAK_ARGS)

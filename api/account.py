@@ -6,7 +6,7 @@ from typing import Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from api.auth import PrincipalDep
+from api.credentials import PrincipalDep
 from api.deps import PlatformDep
 from api.errors import NotFoundError
 from db.models import Account

@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
 from api.ids import new_request_id
+from contract.errors import ErrorType
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class ApiError(Exception):
     """An error with an Anthropic error type; subclasses fix `status` and `error_type`."""
 
     status: ClassVar[int] = 500
-    error_type: ClassVar[str] = "api_error"
+    error_type: ClassVar[ErrorType] = "api_error"
     default_message: ClassVar[str] = "Internal server error"
 
     def __init__(self, message: str | None = None, *, headers: Mapping[str, str] | None = None):
@@ -120,7 +121,7 @@ class OverloadedError(_RetryAfterError):
     default_message = "Overloaded"
 
 
-_BY_TYPE: dict[str, type[ApiError]] = {
+_BY_TYPE: dict[ErrorType, type[ApiError]] = {
     cls.error_type: cls
     for cls in (
         InvalidRequestError,

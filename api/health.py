@@ -16,13 +16,10 @@ from sqlalchemy import text
 
 from api.deps import PlatformDep
 from api.platform import Platform
+from contract.keys import HEARTBEAT_PATTERN
 from db.session import get_engine
 
 router = APIRouter()
-
-HEARTBEAT_PATTERN = (
-    "abl:worker:*"  # workers.runtime.HEARTBEAT_PREFIX; keys expire when a worker dies
-)
 
 
 @router.get("/healthz")

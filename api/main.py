@@ -16,7 +16,7 @@ from api.openapi import install_openapi
 from api.platform import Platform
 from api.settings import ApiSettings
 from api.versions import check_anthropic_version
-from workers.logs import request_logger
+from contract.logs import request_logger
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:

@@ -24,14 +24,14 @@ from prometheus_client import (
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.auth import Principal
+from api.credentials import Principal
 from api.deps import PlatformDep
 from api.errors import ApiError
 from api.health import live_workers
 from api.platform import Platform
-from workers.catalog import Catalog
-from workers.logs import log_request
-from workers.protocol import DeltaEvent, DoneEvent
+from contract.catalog import Catalog
+from contract.events import DeltaEvent, DoneEvent
+from contract.logs import log_request
 
 log = logging.getLogger("abl.metrics")
 # The `_created` series double every counter and nobody graphs them.

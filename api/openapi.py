@@ -10,6 +10,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from contract.errors import ERROR_TYPES
+
 ERROR_SCHEMA: dict[str, Any] = {
     "title": "ErrorResponse",
     "type": "object",
@@ -22,17 +24,7 @@ ERROR_SCHEMA: dict[str, Any] = {
             "properties": {
                 "type": {
                     "type": "string",
-                    "enum": [
-                        "invalid_request_error",
-                        "authentication_error",
-                        "billing_error",
-                        "permission_error",
-                        "not_found_error",
-                        "request_too_large",
-                        "rate_limit_error",
-                        "api_error",
-                        "overloaded_error",
-                    ],
+                    "enum": list(ERROR_TYPES),
                 },
                 "message": {"type": "string"},
             },

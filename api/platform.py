@@ -18,11 +18,12 @@ from api.errors import OverloadedError
 from api.relay import EventHub
 from api.settings import ApiSettings
 from api.taskqueue import QueueFull, TaskQueue
+from contract.catalog import Catalog, ModelSpec, load_catalog
+from contract.jobs import TASK_GENERATE, GenerateJob
+from contract.keys import CANCEL_CHANNEL, cancel_key
+from contract.rendering import PromptRenderer, get_renderer
 from db.ledger import Outcome, settle_request
 from db.session import transaction
-from workers.catalog import Catalog, ModelSpec, load_catalog
-from workers.prompting import PromptRenderer, get_renderer
-from workers.protocol import CANCEL_CHANNEL, TASK_GENERATE, GenerateJob, cancel_key
 
 log = logging.getLogger("abl.api")
 

@@ -7,9 +7,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from workers.protocol import DeltaEvent, DoneEvent, ErrorEvent, events_channel, parse_event
-
-Event = DeltaEvent | DoneEvent | ErrorEvent
+from contract.events import WorkerEvent, parse_event
+from contract.keys import events_channel
 
 
 class SequenceGap(Exception):
@@ -122,7 +121,7 @@ class EventSubscription:
         self._hub = hub
         self._channel = events_channel(request_id)
         self._queue: asyncio.Queue[dict[str, Any] | BaseException] | None = None
-        self._next_seq = 0
+        self._next_index = 0
 
     async def __aenter__(self) -> "EventSubscription":
         self._queue = await self._hub.subscribe(self._channel)
@@ -138,7 +137,7 @@ class EventSubscription:
         with contextlib.suppress(Exception):
             await asyncio.shield(self._hub.unsubscribe(self._channel))
 
-    async def next(self, timeout: float) -> Event | None:
+    async def next(self, timeout: float) -> WorkerEvent | None:
         """The next event, or None if none came within `timeout` seconds."""
         assert self._queue is not None, "use `async with` first"
         try:
@@ -149,7 +148,7 @@ class EventSubscription:
             self._queue.put_nowait(message)  # every later call fails the same way
             raise message
         event = parse_event(message["data"])
-        if event.seq != self._next_seq:
-            raise SequenceGap(f"expected event {self._next_seq}, got {event.seq}")
-        self._next_seq += 1
+        if event.index != self._next_index:
+            raise SequenceGap(f"expected event {self._next_index}, got {event.index}")
+        self._next_index += 1
         return event

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr
 
-from db.settings import CoreSettings
+from contract.settings import CoreSettings
 
 
 class ApiSettings(CoreSettings):

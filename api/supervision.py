@@ -19,12 +19,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from api.errors import ApiInternalError, OverloadedError
 from api.platform import Platform
 from api.relay import EventSubscription, SequenceGap
+from contract.events import WorkerEvent
+from contract.keys import lease_key
 from db.ledger import Outcome, settle_request
 from db.models import Request
 from db.session import transaction
-from workers.protocol import DeltaEvent, DoneEvent, ErrorEvent, lease_key
-
-Event = DeltaEvent | DoneEvent | ErrorEvent
 
 
 class RequestWatch:
@@ -37,7 +36,7 @@ class RequestWatch:
         self.enqueued_at = time.monotonic()
         self._next_check = self.enqueued_at + platform.settings.liveness_check_s
 
-    async def next(self, timeout: float) -> Event | None:
+    async def next(self, timeout: float) -> WorkerEvent | None:
         """The next event; None after `timeout` quiet seconds; raises if the request is lost."""
         deadline = time.monotonic() + timeout
         settings = self.platform.settings

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from db.session import get_sessionmaker
-from infra.stack import Stack
+from infra.launcher.stack import Stack
 
 
 @pytest.fixture(scope="session")

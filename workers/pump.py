@@ -20,7 +20,7 @@ from typing import Protocol
 
 import redis
 
-from workers.events import Event, Failed, Finished, Generation, TextChunk
+from workers.backends.seam import EngineEvent, Failed, Finished, Generation, TextChunk
 
 log = logging.getLogger("abl.worker")
 
@@ -28,7 +28,7 @@ log = logging.getLogger("abl.worker")
 class DeltaPublisher(Protocol):
     """The per-request publisher (`workers.runtime.Publisher`): numbers events, sends deltas."""
 
-    seq: int
+    next_index: int
 
     def delta(self, text: str, output_tokens: int, via: "redis.client.Pipeline | None") -> None: ...
 
@@ -45,7 +45,7 @@ class _Stream:
     sent_at: float | None = None  # monotonic time of the last delta
 
 
-def coalesce(events: list[Event]) -> tuple[str, int, Finished | Failed | None]:
+def coalesce(events: list[EngineEvent]) -> tuple[str, int, Finished | Failed | None]:
     """The text of a run of events, the token count after it, and the terminal event if any."""
     text, tokens = "", 0
     for event in events:
@@ -150,5 +150,7 @@ class DeltaPump:
             pipe.execute()
         except redis.RedisError:
             for stream in sent:
-                stream.publisher.seq -= 1  # never delivered: the next event reuses its number
+                stream.publisher.next_index -= (
+                    1  # never delivered: the next event reuses its number
+                )
                 self._on_publish_error(stream.request_id)

@@ -17,34 +17,22 @@ from decimal import Decimal
 
 import redis
 
+from contract.catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, load_catalog
+from contract.errors import API_ERROR, OVERLOADED, ErrorType
+from contract.events import DeltaEvent, DoneEvent, ErrorEvent
+from contract.jobs import GenerateJob
+from contract.keys import CANCEL_CHANNEL, cancel_key, events_channel, heartbeat_key, lease_key
 from db.ledger import Outcome, Settlement, claim_request, settle_request
 from db.pricing import cost_usd, credits_for
 from db.session import in_autocommit
-from workers.catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, load_catalog
-from workers.engine_proc import EngineProcess
-from workers.events import Failed, Finished, Generation
-from workers.metrics import RequestTelemetry, serve_metrics
-from workers.protocol import (
-    CANCEL_CHANNEL,
-    DeltaEvent,
-    DoneEvent,
-    ErrorEvent,
-    GenerateJob,
-    cancel_key,
-    events_channel,
-    lease_key,
-)
+from workers.backends.seam import Failed, Finished, Generation
+from workers.engine_process import EngineProcess
 from workers.pump import DeltaPump
 from workers.settings import WorkerSettings
 from workers.sweeper import Sweeper
+from workers.telemetry import RequestTelemetry, serve_metrics
 
 log = logging.getLogger("abl.worker")
-
-HEARTBEAT_PREFIX = "abl:worker:"
-
-
-def heartbeat_key(worker_name: str) -> str:
-    return HEARTBEAT_PREFIX + worker_name
 
 
 class Publisher:
@@ -53,19 +41,19 @@ class Publisher:
     def __init__(self, client: redis.Redis, request_id: str) -> None:
         self._client = client
         self._channel = events_channel(request_id)
-        self.seq = 0
+        self.next_index = 0
 
     def delta(
         self, text: str, output_tokens: int, via: "redis.client.Pipeline | None" = None
     ) -> None:
         """Publishes now, or queues on `via` (a pipeline the caller executes)."""
-        self._send(DeltaEvent(seq=self.seq, text=text, output_tokens=output_tokens), via)
+        self._send(DeltaEvent(index=self.next_index, text=text, output_tokens=output_tokens), via)
 
     def done(self, event_fields: dict[str, object]) -> None:
-        self._send(DoneEvent(seq=self.seq, **event_fields))  # type: ignore[arg-type]
+        self._send(DoneEvent(index=self.next_index, **event_fields))  # type: ignore[arg-type]
 
-    def error(self, error_type: str, message: str) -> None:
-        self._send(ErrorEvent(seq=self.seq, error_type=error_type, message=message))
+    def error(self, error_type: ErrorType, message: str) -> None:
+        self._send(ErrorEvent(index=self.next_index, error_type=error_type, message=message))
 
     def _send(
         self,
@@ -73,7 +61,7 @@ class Publisher:
         via: "redis.client.Pipeline | None" = None,
     ) -> None:
         (via if via is not None else self._client).publish(self._channel, event.model_dump_json())
-        self.seq += 1
+        self.next_index += 1
 
 
 class WorkerRuntime:
@@ -112,7 +100,7 @@ class WorkerRuntime:
             spec = self._spec(model_id)
             path = spec.path(self.settings.models_dir)
             # In a child process: its stepping thread shares no GIL with this process's
-            # per-request work (workers/engine_proc.py, docs/benchmarks.md).
+            # per-request work (workers/engine_process.py, docs/benchmarks.md).
             engine = EngineProcess(
                 path,
                 max_batch=self.settings.max_batch,
@@ -297,10 +285,10 @@ class WorkerRuntime:
         self, job: GenerateJob, spec: ModelSpec, publisher: Publisher, final: Finished | Failed
     ) -> None:
         input_tokens = len(job.input_ids)
-        error_type = "api_error"
+        error_type: ErrorType = API_ERROR
         if isinstance(final, Finished) and final.cancelled and job.request_id in self._aborting:
             final = Failed(message="the worker stopped the request (shutdown or lost Redis)")
-            error_type = "overloaded_error"
+            error_type = OVERLOADED
         if isinstance(final, Failed):
             outcome = Outcome("failed", 0, Decimal(0), 0, error=final.message)
         else:

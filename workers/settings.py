@@ -5,8 +5,8 @@ import socket
 
 from pydantic import Field
 
-from db.settings import CoreSettings
-from workers.catalog import DEFAULT_MODEL_ID
+from contract.catalog import DEFAULT_MODEL_ID
+from contract.settings import CoreSettings
 
 
 class WorkerSettings(CoreSettings):
@@ -26,7 +26,7 @@ class WorkerSettings(CoreSettings):
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     # Broker visibility timeout: longer than the longest generation allowed.
     visibility_timeout_s: int = 3600
-    # The sweeper (db/sweeper.py) in every worker: seconds between passes (0: off), and how
+    # The sweeper (db/stuck_requests.py) in every worker: seconds between passes (0: off), and how
     # long a request may stay queued, or running, before it is settled as failed.
     sweep_interval_s: float = Field(default=5.0, ge=0)
     queued_timeout_s: float = Field(default=900.0, gt=0)

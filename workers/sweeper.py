@@ -1,5 +1,5 @@
 """The sweeper thread every worker runs: it settles requests stuck queued or running whose
-worker died (the rule is in db/sweeper.py) and tells any engine still decoding them to stop.
+worker died (the rule is in db/stuck_requests.py) and tells any engine still decoding them to stop.
 
 All workers sweep; SKIP LOCKED makes the overlap harmless. A worker counts as dead only once
 its heartbeat has been missing for a whole grace period, seen on two passes: a Redis that just
@@ -15,9 +15,9 @@ from collections.abc import Callable
 import redis
 from sqlalchemy.exc import SQLAlchemyError
 
+from contract.keys import CANCEL_CHANNEL, cancel_key
 from db.session import transaction
-from db.sweeper import SWEEP_BATCH, release_orphans, sweep
-from workers.protocol import CANCEL_CHANNEL, cancel_key
+from db.stuck_requests import SWEEP_BATCH, release_orphans, sweep
 from workers.settings import WorkerSettings
 
 log = logging.getLogger("abl.worker.sweeper")

@@ -2,7 +2,7 @@
 
 from celery import shared_task
 
-from workers.protocol import TASK_GENERATE, GenerateJob
+from contract.jobs import TASK_GENERATE, GenerateJob
 from workers.runtime import get_runtime
 
 

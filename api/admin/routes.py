@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, Query
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.orm import Session
 
-from api.admin.auth import AdminDep, SettingsDep
+from api.admin.access import AdminDep, SettingsDep
 from api.admin.jwt_tokens import mint_account_token
 from api.admin.schemas import (
     DEFAULT_PAGE_SIZE,

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from api.admin.auth import AdminDep, SettingsDep
+from api.admin.access import AdminDep, SettingsDep
 from api.errors import InvalidRequestError
 from db.session import transaction
 from db.usage import (

@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.anthropic.convert import sampling_params
 from api.anthropic.protocol import CountTokensRequest, MessagesRequest
-from api.auth import Principal
+from api.credentials import Principal
 from api.errors import (
     ApiError,
     BillingError,
@@ -24,11 +24,11 @@ from api.errors import (
 from api.ids import new_message_id
 from api.platform import Platform
 from api.ratelimit import Cost, Limits, RateLimiter, Ticket
+from contract.catalog import ModelSpec
+from contract.jobs import GenerateJob
 from db.ledger import AccountUnavailable, InsufficientCredits, NewRequest, open_request
 from db.pricing import cost_usd, credits_for
 from db.session import in_autocommit
-from workers.catalog import ModelSpec
-from workers.protocol import GenerateJob
 
 log = logging.getLogger("abl.admission")
 

@@ -13,8 +13,9 @@ from api.anthropic.protocol import (
     Usage,
 )
 from api.errors import InvalidRequestError
-from workers.catalog import ModelSpec
-from workers.protocol import DoneEvent, SamplingParams
+from contract.catalog import ModelSpec
+from contract.events import DoneEvent
+from contract.jobs import SamplingParams
 
 DEFAULT_PAGE_LIMIT = 20
 MAX_PAGE_LIMIT = 1000

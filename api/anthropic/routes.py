@@ -11,7 +11,7 @@ from api.anthropic import sse
 from api.anthropic.admission import Admitted, admit, finish, resolve_model, tokenize_async
 from api.anthropic.convert import message_delta_event, message_response, model_info, models_page
 from api.anthropic.protocol import CountTokensRequest, MessagesRequest, ModelInfo, TokenCount
-from api.auth import PrincipalDep
+from api.credentials import PrincipalDep
 from api.deps import PlatformDep
 from api.errors import (
     ApiError,
@@ -24,7 +24,7 @@ from api.metrics import RequestMeter
 from api.platform import Platform
 from api.relay import EventSubscription
 from api.supervision import RequestWatch
-from workers.protocol import DeltaEvent, DoneEvent
+from contract.events import DeltaEvent, DoneEvent
 
 # nginx's code for a client that went away before the answer; nobody reads it.
 CLIENT_CLOSED_REQUEST = 499

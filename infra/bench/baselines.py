@@ -10,11 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from contract.jobs import SamplingParams
 from infra.bench.stats import RequestRecord
-from workers.engine import Engine
-from workers.engine_bench import sequential_generate
-from workers.events import Failed, Finished, TextChunk
-from workers.protocol import SamplingParams
+from workers.backends.seam import Failed, Finished, TextChunk
+from workers.backends.transformers.engine import Engine
+from workers.backends.transformers.reference import sequential_generate
 
 
 class Baselines:

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import redis
 
-# workers.runtime.HEARTBEAT_PREFIX (not imported: that module loads the engine and torch).
-HEARTBEAT_PATTERN = "abl:worker:*"
+from contract.keys import HEARTBEAT_PATTERN
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from contract.catalog import DEFAULT_MODEL_ID
 from infra.bench.cancel import measure_cancel
 from infra.bench.load import Target, message_body, run_async, run_clients
 from infra.bench.observe import RssSampler, engine_stats, heartbeats, rss_mb
 from infra.bench.stats import RequestRecord, spread, summarize
-from infra.stack import Stack
-from workers.catalog import DEFAULT_MODEL_ID
+from infra.launcher.stack import Stack
 
 if TYPE_CHECKING:  # it imports torch: loaded only when the baselines run
     from infra.bench.baselines import Baselines
@@ -80,7 +80,7 @@ def platform(config: BenchConfig) -> Iterator[Running]:
         with tempfile.TemporaryDirectory(prefix="abl-bench-model-") as tmp:
             model_path = config.model_path
             if model_path is None:
-                from workers.model_build import build_default_model
+                from workers.models.tiny import build_default_model
 
                 # The build is reproducible: byte-identical to the model the platform serves.
                 model_path = build_default_model(Path(tmp) / DEFAULT_MODEL_ID)

@@ -3,7 +3,7 @@
 import anthropic
 import pytest
 
-from infra.stack import Stack
+from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory
 
 MODEL = "abliterated-model"

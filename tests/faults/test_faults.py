@@ -21,12 +21,12 @@ from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from contract.jobs import TASK_GENERATE, GenerateJob, SamplingParams
 from db.ledger import reconcile
 from db.models import Account, Request
 from db.session import get_sessionmaker
 from infra.bench.observe import descendants
-from infra.stack import Stack
-from workers.protocol import TASK_GENERATE, GenerateJob, SamplingParams
+from infra.launcher.stack import Stack
 
 MODEL = "abliterated-model"
 LONG = {

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from infra.services import free_port
-from infra.stack import Stack
+from infra.launcher.services import free_port
+from infra.launcher.stack import Stack
 
 
 @contextmanager

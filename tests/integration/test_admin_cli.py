@@ -32,7 +32,7 @@ def _env(stack: Any, **overrides: str) -> dict[str, str]:
 
 def abl(stack: Any, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "infra.cli", "admin", *args],
+        [sys.executable, "-m", "infra.cli.main", "admin", *args],
         cwd=REPO,
         env=_env(stack, **env),
         capture_output=True,

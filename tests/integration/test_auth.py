@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import ApiKey
-from infra.stack import Stack
+from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory, ApiAccount
 from tests.integration.api_process import api_process
 

@@ -11,7 +11,7 @@ import anthropic
 import httpx
 import pytest
 
-from infra.stack import Stack
+from infra.launcher.stack import Stack
 from tests.conftest import ApiAccount
 
 MODEL = "abliterated-model"

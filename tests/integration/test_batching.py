@@ -16,13 +16,13 @@ import pytest
 import redis
 from sqlalchemy import select
 
+from contract.catalog import DEFAULT_MODEL
+from contract.settings import CoreSettings
 from db.models import LedgerEntry, Request
 from db.pricing import cost_usd, credits_for
 from db.session import get_sessionmaker
-from db.settings import CoreSettings
-from infra.stack import Stack
+from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory, ApiAccount
-from workers.catalog import DEFAULT_MODEL
 
 MODEL = DEFAULT_MODEL.id
 # The stack's children inherit this environment: they price credits the same way.

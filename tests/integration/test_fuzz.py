@@ -12,7 +12,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from infra.stack import Stack
+from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory
 
 # Per operation and mode (valid / invalid data): 8 runs x 25 = 200 requests.

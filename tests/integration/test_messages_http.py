@@ -4,7 +4,7 @@ import json
 
 import httpx
 
-from infra.stack import Stack
+from infra.launcher.stack import Stack
 from tests.conftest import ApiAccount
 
 MODEL = "abliterated-model"

@@ -11,7 +11,7 @@ from sqlalchemy.engine import make_url
 
 from db.migrate import downgrade, upgrade
 from db.models import Base
-from infra.stack import Stack
+from infra.launcher.stack import Stack
 
 
 @pytest.fixture

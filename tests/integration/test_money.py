@@ -19,14 +19,14 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from api.ids import new_message_id, new_request_id
+from contract.keys import heartbeat_key
 from db.ledger import NewRequest, Outcome, claim_request, open_request, settle_request
 from db.models import Account, LedgerEntry, Request
 from db.pricing import cost_usd, credits_for
 from db.session import get_sessionmaker, transaction
-from db.sweeper import sweep
-from infra.stack import Stack
+from db.stuck_requests import sweep
+from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory
-from workers.runtime import heartbeat_key
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from sqlalchemy import select, text
 from db.ledger import reconcile
 from db.models import Account, Request
 from db.session import get_sessionmaker
-from infra.stack import Stack
+from infra.launcher.stack import Stack
 from tests.netns import VirtualHosts, netns_unavailable
 from tests.scrape import Samples, scrape
 

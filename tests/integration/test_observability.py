@@ -9,11 +9,11 @@ import httpx
 import pytest
 import redis
 
-from infra.stack import Stack
+from contract.keys import cancel_key
+from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory, ApiAccount
 from tests.integration.api_process import api_process
 from tests.scrape import Samples, scrape
-from workers.protocol import cancel_key
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from api.errors import RateLimitError
 from api.ratelimit import Cost, Limits, RateLimiter
 from api.settings import ApiSettings
-from infra.stack import Stack
+from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory
 from tests.integration.api_process import api_process
 
@@ -319,7 +319,7 @@ def test_account_defaults_with_key_overrides(
 def test_redis_down_fails_closed(
     stack: Stack, make_account: AccountFactory, tmp_path: Path
 ) -> None:
-    from infra.services import free_port
+    from infra.launcher.services import free_port
 
     dead = f"redis://127.0.0.1:{free_port('127.0.0.1')}/0"
     key = make_account().key

@@ -7,8 +7,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from api.relay import EventHub, EventSubscription, SequenceGap
-from infra.stack import Stack
-from workers.protocol import DeltaEvent, events_channel
+from contract.events import DeltaEvent
+from contract.keys import events_channel
+from infra.launcher.stack import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +18,7 @@ CLIENT_NAME = "abl-relay-test"
 
 
 def delta(seq: int, text: str) -> str:
-    return DeltaEvent(seq=seq, text=text, output_tokens=seq + 1).model_dump_json()
+    return DeltaEvent(index=seq, text=text, output_tokens=seq + 1).model_dump_json()
 
 
 def run(stack: Stack, scenario: object) -> None:

@@ -8,7 +8,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import OperationalError
 
 import db.session
-from infra.stack import Stack
+from infra.launcher.stack import Stack
 
 
 @pytest.fixture

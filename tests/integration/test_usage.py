@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from db import daily_usage
 from db.models import Account, Request
-from infra.stack import Stack
+from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory, ApiAccount
 
 pytestmark = pytest.mark.integration
@@ -201,7 +201,7 @@ def test_cli_usage_and_top(stack: Stack, spent: dict[str, Any], tmp_path: Path) 
 
     def abl(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "infra.cli", "admin", *args],
+            [sys.executable, "-m", "infra.cli.main", "admin", *args],
             cwd=REPO,
             env={**_base_env(), **env},
             capture_output=True,

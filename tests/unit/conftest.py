@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.model_build import build_default_model
+from workers.models.tiny import build_default_model
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from api.admin.auth import AdminDep
+from api.admin.access import AdminDep
 from api.errors import install_error_handlers
 from api.settings import ApiSettings
 

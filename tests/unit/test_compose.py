@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.settings_doc import env_names
+from infra.cli.settings_doc import env_names
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from workers.engine import Engine
-from workers.events import Failed, Finished, Generation, TextChunk
-from workers.kv_batch import BatchCache
-from workers.protocol import SamplingParams
+from contract.jobs import SamplingParams
+from workers.backends.seam import Failed, Finished, Generation, TextChunk
+from workers.backends.transformers.engine import Engine
+from workers.backends.transformers.kv_batch import BatchCache
 
 PROMPTS = [
     "Hello there, how are you?",

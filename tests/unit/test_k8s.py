@@ -1,4 +1,4 @@
-"""infra/k8s manifests: kinds, selectors that match their pods, references that resolve, and
+"""infra/deploy/k8s manifests: kinds, selectors that match their pods, references that resolve, and
 environment names that processes actually read."""
 
 from collections import Counter
@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.settings_doc import env_names
-from workers.catalog import load_catalog
+from contract.catalog import load_catalog
+from infra.cli.settings_doc import env_names
 
-K8S = Path(__file__).resolve().parents[2] / "infra" / "k8s"
+K8S = Path(__file__).resolve().parents[2] / "infra" / "deploy" / "k8s"
 NAMESPACE = "abl"
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 Doc = dict[str, Any]

@@ -14,16 +14,18 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from api.auth import Principal
+from api.credentials import Principal
 from api.errors import ApiInternalError, NotFoundError, RateLimitError
 from api.health import workers_check
 from api.metrics import RequestMeter
-from workers.catalog import Catalog, ModelSpec
-from workers.logs import REQUEST_LOGGER, JsonFormatter
-from workers.metrics import EngineCollector
-from workers.protocol import DeltaEvent, DoneEvent
+from contract.catalog import Catalog, ModelSpec
+from contract.events import DeltaEvent, DoneEvent
+from contract.logs import REQUEST_LOGGER, JsonFormatter
+from workers.telemetry import EngineCollector
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "infra" / "grafana" / "dashboards" / "abl.json"
+DASHBOARD = (
+    Path(__file__).resolve().parents[2] / "infra" / "deploy" / "grafana" / "dashboards" / "abl.json"
+)
 PRINCIPAL = Principal("acct_unit", "key_unit", "ak_unit", None)
 
 
@@ -67,7 +69,7 @@ def request_lines() -> Iterator[list[dict[str, Any]]]:
 
 def done(output_tokens: int, credits: int = 3) -> DoneEvent:
     return DoneEvent(
-        seq=9,
+        index=9,
         status="succeeded",
         stop_reason="end_turn",
         stop_sequence=None,
@@ -85,9 +87,9 @@ def test_a_streamed_request_counts_latency_tokens_and_credits(
     model = "unit-ok"
     meter = RequestMeter(catalog(model), PRINCIPAL, model, "req_unit1", stream=True)
     meter.queued(7)
-    meter.delta(DeltaEvent(seq=0, text="a", output_tokens=1))
-    meter.delta(DeltaEvent(seq=1, text="bc", output_tokens=3))  # two tokens coalesced
-    meter.delta(DeltaEvent(seq=2, text="d", output_tokens=4))
+    meter.delta(DeltaEvent(index=0, text="a", output_tokens=1))
+    meter.delta(DeltaEvent(index=1, text="bc", output_tokens=3))  # two tokens coalesced
+    meter.delta(DeltaEvent(index=2, text="d", output_tokens=4))
     meter.done(done(4))
     meter.close()
     meter.close()  # counted once
@@ -136,7 +138,7 @@ def test_outcomes(steps: list[str], status: str, error_type: str) -> None:
         elif step == "queued":
             meter.queued(5)
         elif step == "delta":
-            meter.delta(DeltaEvent(seq=0, text="a", output_tokens=1))
+            meter.delta(DeltaEvent(index=0, text="a", output_tokens=1))
         elif step == "client_gone":
             meter.fail(asyncio.CancelledError())  # not an error: the client went away
             cancelled = True

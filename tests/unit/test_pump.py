@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import redis
 
-from workers.events import Finished, Generation, TextChunk
+from workers.backends.seam import Finished, Generation, TextChunk
 from workers.pump import DeltaPump
 
 
@@ -38,11 +38,11 @@ class FakeRedis:
 class FakePublisher:
     def __init__(self, channel: str) -> None:
         self.channel = channel
-        self.seq = 0
+        self.next_index = 0
 
     def delta(self, text: str, output_tokens: int, via: Any) -> None:
-        via.publish(self.channel, f"{self.seq}:{text}:{output_tokens}")
-        self.seq += 1
+        via.publish(self.channel, f"{self.next_index}:{text}:{output_tokens}")
+        self.next_index += 1
 
 
 def start(client: FakeRedis, interval_s: float, muted: set[str], errors: list[str]) -> DeltaPump:
@@ -104,7 +104,7 @@ def test_muted_requests_publish_nothing_but_still_end() -> None:
     thread.join(5)
     pump.stop()
     assert result[0].cancelled
-    assert client.executed == [] and publisher.seq == 0
+    assert client.executed == [] and publisher.next_index == 0
 
 
 @pytest.mark.parametrize("interval_s", [0.0, 3600.0])
@@ -121,4 +121,6 @@ def test_an_unreachable_redis_is_reported_and_numbers_are_not_lost(interval_s: f
     pump.stop()
     assert result[0].stop_reason == "end_turn"
     assert errors == ["c"]
-    assert publisher.seq == 0  # the next event (the terminal one) reuses the undelivered number
+    assert (
+        publisher.next_index == 0
+    )  # the next event (the terminal one) reuses the undelivered number

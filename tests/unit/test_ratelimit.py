@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from api.auth import merged_limits
+from api.credentials import merged_limits
 from api.ratelimit import (
     BLOCKED_IN_FLIGHT,
     BLOCKED_INPUT,

@@ -3,8 +3,13 @@
 import pytest
 import torch
 
-from workers.protocol import SamplingParams
-from workers.sampling import filter_logits, is_greedy, make_generator, sample_next
+from contract.jobs import SamplingParams
+from workers.backends.transformers.sampling import (
+    filter_logits,
+    is_greedy,
+    make_generator,
+    sample_next,
+)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 5e-324, 1e-300, 1e-30, 1e-5])

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 import redis
 
-from infra.services import (
+from infra.launcher.services import (
     EmbeddedPostgres,
     EmbeddedRedis,
     _leftover_pids,

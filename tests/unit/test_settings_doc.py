@@ -5,7 +5,15 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
-from infra.settings_doc import BEGIN, END, env_names, field_comments, render, replace_table, rows
+from infra.cli.settings_doc import (
+    BEGIN,
+    END,
+    env_names,
+    field_comments,
+    render,
+    replace_table,
+    rows,
+)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -13,7 +21,8 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 def test_readme_table_is_current() -> None:
     text = README.read_text()
     assert replace_table(text) == text, (
-        "README.md's configuration table is out of date: run python -m infra.settings_doc README.md"
+        "README.md's configuration table is out of date:"
+        " run python -m infra.cli.settings_doc README.md"
     )
     table = text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip()
     assert table == render()

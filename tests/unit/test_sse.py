@@ -9,7 +9,7 @@ import pytest
 
 from api.anthropic import sse
 from api.anthropic.convert import message_delta_event
-from workers.protocol import DoneEvent
+from contract.events import DoneEvent
 
 
 def test_sse_event_frame() -> None:
@@ -67,7 +67,7 @@ def test_message_delta_bytes() -> None:
 
 
 DONE = DoneEvent(
-    seq=4,
+    index=4,
     status="succeeded",
     stop_reason="stop_sequence",
     stop_sequence="END",

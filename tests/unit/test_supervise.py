@@ -1,11 +1,11 @@
-"""`abl up`'s supervision loop (infra/cli.py), on stand-ins for the stack's child processes."""
+"""`abl up`'s supervision loop (infra/launcher/supervise.py), on stand-ins for child processes."""
 
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from infra import cli
+from infra.launcher import supervise as cli
 
 
 @dataclass

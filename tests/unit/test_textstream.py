@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.textstream import IncrementalDecoder, StopMatcher
+from workers.backends.textstream import IncrementalDecoder, StopMatcher
 
 
 def utf8_decode(ids: list[int]) -> str:
@@ -86,7 +86,7 @@ def test_decoder_deltas_concatenate_to_the_full_decode(seed: int) -> None:
 
 
 def test_decoder_with_a_real_tokenizer(default_model_dir: Path) -> None:
-    from workers.prompting import PromptRenderer
+    from contract.rendering import PromptRenderer
 
     renderer = PromptRenderer.from_folder(default_model_dir)
     text = "def naïve(x):\n    return '🎉' * x  # café 日本語\n"

@@ -22,7 +22,7 @@ from db.usage import (
     usage_totals,
     whole_days,
 )
-from infra.admin_usage_cli import usage_table, write_usage_csv
+from infra.cli.admin_usage import usage_table, write_usage_csv
 
 METRICS = ["requests", "input_tokens", "output_tokens", "credits_charged", "cost_usd"]
 

@@ -25,8 +25,8 @@ from api.anthropic.protocol import (
 )
 from api.errors import InvalidRequestError, format_validation_errors
 from api.ids import base62, new_account_id, new_key_id, new_message_id, new_request_id
-from workers.catalog import DEFAULT_MODEL, ModelSpec
-from workers.protocol import DoneEvent
+from contract.catalog import DEFAULT_MODEL, ModelSpec
+from contract.events import DoneEvent
 
 USER_HI = [{"role": "user", "content": "hi"}]
 
@@ -347,7 +347,7 @@ def test_seed_response_round_trip_and_sdk_parse() -> None:
 
 def done_event(**overrides: Any) -> DoneEvent:
     fields: dict[str, Any] = {
-        "seq": 3,
+        "index": 3,
         "status": "succeeded",
         "stop_reason": "end_turn",
         "stop_sequence": None,
