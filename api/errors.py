@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
 from api.ids import new_request_id
+from api.response_headers import response_headers
 from contract.errors import ErrorType
 
 logger = logging.getLogger(__name__)
@@ -217,26 +218,15 @@ def format_validation_errors(errors: Iterable[Mapping[str, Any]]) -> str:
 
 async def _handle_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return error_response(request, exc.status, exc.error_type, exc.message, exc.headers)
+    headers = {**await response_headers(request).resolve(), **exc.headers}
+    return error_response(request, exc.status, exc.error_type, exc.message, headers)
 
 
 async def _handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     message = format_validation_errors(exc.errors())
-    headers = await _rate_limit_headers(request)
+    headers = await response_headers(request).resolve()
     return error_response(request, 400, InvalidRequestError.error_type, message, headers)
-
-
-async def _rate_limit_headers(request: Request) -> dict[str, str]:
-    """Every /v1/messages answer to a known caller carries its rate-limit state; a body that
-    fails validation too (authentication runs before the body is validated)."""
-    principal = getattr(request.state, "principal", None)
-    if principal is None or request.method != "POST" or request.url.path != "/v1/messages":
-        return {}
-    # Imported here: the admission module imports this one.
-    from api.anthropic.admission import current_limit_headers
-
-    return await current_limit_headers(request.app.state.platform, principal)
 
 
 async def _handle_http_exception(request: Request, exc: Exception) -> JSONResponse:

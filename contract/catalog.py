@@ -7,10 +7,14 @@ import json
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
 DEFAULT_MODEL_ID = "abliterated-model"
+# The engines a worker can run a model with (workers/backends): "transformers" for any Hugging
+# Face causal LM, "echo" for tests (repeats the prompt, needs no weights).
+BackendName = Literal["transformers", "echo"]
 
 
 class ModelSpec(BaseModel):
@@ -27,6 +31,8 @@ class ModelSpec(BaseModel):
     output_price_per_mtok: Decimal = Field(ge=0)
     # Celery queue whose workers serve this model.
     queue: str
+    # The engine that serves it.
+    backend: BackendName = "transformers"
     created_at: datetime = datetime(2026, 1, 1, tzinfo=UTC)
 
     def path(self, models_dir: Path) -> Path:

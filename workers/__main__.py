@@ -17,21 +17,20 @@ def main() -> None:
 
     @worker_shutting_down.connect(weak=False)
     def _on_shutdown(**_: object) -> None:
-        # Celery stops taking jobs and waits for running ones; bound that wait.
+        # Take no more jobs; the running ones get the shutdown grace (workers/dispatch.Drain).
         runtime.begin_shutdown(settings.shutdown_grace_s)
 
-    queues = ",".join(runtime.catalog.get(m).queue for m in settings.models)  # type: ignore[union-attr]
     try:
         app.worker_main(
             [
                 "worker",
-                "--pool=threads",
-                f"--concurrency={settings.max_batch}",
-                f"--queues={queues}",
+                "--pool=solo",
+                f"--queues={','.join(runtime.queues)}",
                 f"--hostname={settings.worker_name}@%h",
                 "--loglevel=INFO",
                 "--without-gossip",
                 "--without-mingle",
+                "--without-heartbeat",
                 *sys.argv[1:],
             ]
         )

@@ -1,29 +1,47 @@
-"""The Celery application of a worker process: threads pool feeding one engine per model."""
+"""The Celery application of a worker process: one consumer, no pool work, one task.
 
-from celery import Celery
+The task `abl.generate` never runs on Celery's pool: its strategy (workers/dispatch.py) hands
+each message to the runtime, which acknowledges it once the request is settled. The pool is
+`solo` and idle; the consumer's prefetch count bounds the jobs in flight.
+"""
 
+from celery import Celery, Task
+
+from contract.jobs import TASK_GENERATE
+from workers.dispatch import Drain
 from workers.settings import WorkerSettings
 
 
+class GenerateTask(Task):  # type: ignore[misc]
+    name = TASK_GENERATE
+    Strategy = "workers.dispatch:strategy"
+    ignore_result = True
+    acks_late = True
+
+    def run(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"{TASK_GENERATE} runs through its strategy, never on the pool")
+
+
 def make_celery(settings: WorkerSettings) -> Celery:
-    app = Celery("abl", broker=settings.require_redis_url(), include=["workers.tasks"])
+    app = Celery("abl", broker=settings.require_redis_url())
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
-        # Ack after the task ran, one job prefetched per free thread: a job is never
-        # lost with a dying worker, and a redelivered one is refused by the claim.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        worker_pool="threads",
-        worker_concurrency=settings.max_batch,
+        # Unacknowledged messages are the jobs in flight: the solo pool counts as one process.
+        worker_prefetch_multiplier=settings.in_flight_limit,
+        worker_pool="solo",
+        worker_concurrency=1,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         worker_enable_remote_control=False,
         worker_send_task_events=False,
     )
+    app.register_task(GenerateTask())
+    app.steps["worker"].add(Drain)
     return app
 
 

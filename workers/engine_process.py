@@ -1,16 +1,13 @@
-"""An engine in a child process of its own, behind the in-process engine's surface.
+"""A backend in a child process of its own, behind the same seam as the backend itself.
 
-In one process, the worker's per-request Python (Celery's task threads, claiming and settling in
-Postgres, telemetry, the delta pump) takes the GIL from the engine's stepping thread, which then
-steps slower than the engine alone (docs/benchmarks.md). Here the stepping thread has an
-interpreter to itself; the worker talks to it over one socket, with pickled tuples:
+In one process, the worker's own Python (Celery's consumer, claiming and settling in Postgres,
+telemetry, the delta pump) takes the GIL from the engine's stepping thread, which then steps
+slower than the engine alone (docs/benchmarks.md). Here the stepping thread has an interpreter to
+itself; the worker talks to it over one socket with the typed messages of `workers.engine_ipc`.
 
-    worker -> child   ("submit", request_id, input_ids, sampling), ("cancel", request_id), ("stop",)
-    child -> worker   ("ready", stats), ("events", [(request_id, [event, ...]), ...], stats)
-
-After each engine step the child sends the new events of every request in one message, with the
-engine's stats. The worker side routes them to each request's `Generation`, exactly the handle an
-in-process `Engine` returns, and then calls `on_events`.
+After each engine step the child sends the new events of every request in one `Events` message,
+with the backend's stats. The worker side routes them to each request's `Generation`, exactly
+the handle the backend returned in the child, and then calls `on_events`.
 
 The child ignores SIGINT and SIGTERM: the worker decides when it stops (after its shutdown grace).
 It stops when told to, or when the worker's end of the socket closes (the worker died), so it
@@ -27,36 +24,53 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
-from contract.jobs import SamplingParams
-from workers.backends.seam import EngineEvent, EngineStats, Failed, Generation, is_terminal
+from contract.catalog import BackendName
+from workers.backends.seam import (
+    BackendOptions,
+    EngineEvent,
+    EngineStats,
+    Failed,
+    Generation,
+    Submission,
+    is_terminal,
+)
+from workers.engine_ipc import (
+    Cancel,
+    Events,
+    FromEngine,
+    Ready,
+    RequestEvents,
+    Stop,
+    Submit,
+    ToEngine,
+)
 
 log = logging.getLogger("abl.worker.engine")
 
 
 class EngineProcess:
-    """One model served by an `Engine` in a child process; used like the `Engine` itself."""
+    """One model served by a backend in a child process; a `Backend` itself."""
 
     def __init__(
         self,
         model_path: Path,
         *,
-        max_batch: int = 16,
-        num_threads: int | None = None,
+        backend: BackendName = "transformers",
+        options: BackendOptions = BackendOptions(),
         build_default: bool = False,
         ready_timeout_s: float = 900.0,
         on_exit: Callable[[int | None], None] | None = None,
     ) -> None:
         self.model_path = Path(model_path)
-        self.max_batch = max_batch
-        self.num_threads = num_threads
+        self.backend = backend
+        self.options = options
         self.build_default = build_default  # build the default model first if it is missing
         self.ready_timeout_s = ready_timeout_s
-        # Called on the stepping thread's behalf when new events are out (DeltaPump.notify).
+        # Called on the reader thread when new events are out (DeltaPump.notify).
         self.on_events: Callable[[], None] | None = None
         # Called with the child's exit status when it ends without being told to.
         self.on_exit = on_exit
@@ -70,9 +84,12 @@ class EngineProcess:
         self._dead: str | None = None  # why nothing more can run here
 
     @classmethod
-    def load(cls, model_path: Path, **kw: Any) -> "EngineProcess":
+    def load(
+        cls, model_path: Path, *, max_batch: int = 16, num_threads: int | None = None, **kw: object
+    ) -> "EngineProcess":
         """Starts the child and waits until its model is loaded."""
-        engine = cls(model_path, **kw)
+        options = BackendOptions(max_batch=max_batch, num_threads=num_threads)
+        engine = cls(model_path, options=options, **kw)  # type: ignore[arg-type]
         engine.start()
         return engine
 
@@ -85,27 +102,21 @@ class EngineProcess:
             return
         ours, theirs = socket.socketpair()
         argv = [
-            sys.executable,
-            "-m",
-            "workers.engine_process",
-            str(self.model_path),
-            "--fd",
-            str(theirs.fileno()),
-            "--max-batch",
-            str(self.max_batch),
+            *(sys.executable, "-m", "workers.engine_process", str(self.model_path)),
+            *("--fd", str(theirs.fileno()), "--backend", self.backend),
+            *("--max-batch", str(self.options.max_batch)),
         ]
-        if self.num_threads is not None:
-            argv += ["--threads", str(self.num_threads)]
+        if self.options.num_threads is not None:
+            argv += ["--threads", str(self.options.num_threads)]
         if self.build_default:
             argv.append("--build-default")
         self._proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),))
         theirs.close()  # the child holds the only copy: its death reads as EOF here
         self._conn = Connection(ours.detach())
-        ready = self._conn.poll(self.ready_timeout_s)
         try:
-            if not ready:
+            if not self._conn.poll(self.ready_timeout_s):
                 raise TimeoutError(f"no engine after {self.ready_timeout_s:.0f} s")
-            kind, stats = self._conn.recv()
+            ready = self._conn.recv()
         except (EOFError, OSError, TimeoutError) as exc:
             self._proc.kill()
             code = self._proc.wait()
@@ -114,8 +125,8 @@ class EngineProcess:
                 f"the engine process for {self.model_path} failed to start "
                 f"(exit status {code}): {exc or 'it exited'}"
             ) from None
-        assert kind == "ready"
-        self._stats = EngineStats(*stats)
+        assert isinstance(ready, Ready), ready
+        self._stats = ready.stats
         self._reader = threading.Thread(target=self._read, name="engine-events", daemon=True)
         self._reader.start()
 
@@ -124,7 +135,8 @@ class EngineProcess:
         if self._proc is None:
             return
         self._stopping = True
-        self._send(("stop",))
+        with self._lock:
+            self._send_locked(Stop())
         if self._reader is not None:
             self._reader.join(timeout_s)
         if self._proc.poll() is None:
@@ -133,11 +145,10 @@ class EngineProcess:
         if self._reader is not None:
             self._reader.join()
 
-    def submit(
-        self, request_id: str, input_ids: Sequence[int], sampling: SamplingParams
-    ) -> Generation:
-        """Queues a request in the child (whose engine checks the prompt); its events arrive on
-        the returned Generation."""
+    def submit(self, submission: Submission) -> Generation:
+        """Queues a request in the child (whose backend checks the prompt); its events arrive
+        on the returned Generation."""
+        request_id = submission.request_id
         generation = Generation(request_id)
         with self._lock:
             if request_id in self._live:
@@ -147,7 +158,7 @@ class EngineProcess:
                 return generation
             self._live[request_id] = generation
             # A send that fails means the child is gone: the reader fails the request.
-            self._send_locked(("submit", request_id, list(input_ids), sampling.model_dump()))
+            self._send_locked(Submit(submission))
         return generation
 
     def cancel(self, request_id: str) -> bool:
@@ -155,19 +166,15 @@ class EngineProcess:
         with self._lock:
             if request_id not in self._live:
                 return False
-            self._send_locked(("cancel", request_id))
+            self._send_locked(Cancel(request_id))
             return True
 
     @property
     def stats(self) -> EngineStats:
-        """The engine's stats as of its last message (sent with every step's events)."""
+        """The backend's stats as of its last message (sent with every step's events)."""
         return self._stats
 
-    def _send(self, message: tuple[Any, ...]) -> None:
-        with self._lock:
-            self._send_locked(message)
-
-    def _send_locked(self, message: tuple[Any, ...]) -> None:
+    def _send_locked(self, message: ToEngine) -> None:
         if self._conn is not None:
             with contextlib.suppress(OSError):
                 self._conn.send(message)
@@ -176,18 +183,20 @@ class EngineProcess:
         assert self._conn is not None and self._proc is not None
         while True:
             try:
-                _, shipped, stats = self._conn.recv()
+                message: FromEngine = self._conn.recv()
             except (EOFError, OSError):
                 break
+            assert isinstance(message, Events), message
             # Stats first: whoever sees a terminal event also sees the engine without it.
-            self._stats = EngineStats(*stats)
+            self._stats = message.stats
             routed: list[tuple[Generation, list[EngineEvent]]] = []
             with self._lock:
-                for request_id, events in shipped:
-                    ended = is_terminal(events[-1])
-                    generation = (self._live.pop if ended else self._live.get)(request_id, None)
+                for shipped in message.requests:
+                    ended = is_terminal(shipped.events[-1])
+                    take = self._live.pop if ended else self._live.get
+                    generation = take(shipped.request_id, None)
                     if generation is not None:
-                        routed.append((generation, events))
+                        routed.append((generation, shipped.events))
             for generation, events in routed:
                 for event in events:
                     generation._put(event)
@@ -223,64 +232,64 @@ class EngineProcess:
 # The child.
 
 
-def serve(conn: Connection, model_path: Path, max_batch: int, num_threads: int | None) -> None:
-    """Runs an Engine for the worker at the other end of `conn` until told to stop or it dies."""
-    from workers.backends.transformers.engine import Engine  # torch: loaded in the child only
+def serve(conn: Connection, backend_name: BackendName, path: Path, options: BackendOptions) -> None:
+    """Runs a backend for the worker at the other end of `conn` until told to stop or it dies."""
+    from workers.backends import create_backend  # torch, if at all: in the child only
 
-    engine = Engine(model_path, max_batch=max_batch, num_threads=num_threads)
+    backend = create_backend(backend_name, path, options)
     live: dict[str, Generation] = {}
     ship_lock = threading.Lock()  # the stepping thread ships; the command loop submits
 
+    def send(requests: list[RequestEvents]) -> None:
+        with contextlib.suppress(OSError):  # the worker is gone: the loop below ends
+            conn.send(Events(requests, backend.stats))
+
     def ship() -> None:
         with ship_lock:
-            shipped: list[tuple[str, list[EngineEvent]]] = []
+            shipped: list[RequestEvents] = []
             for request_id, generation in list(live.items()):
                 events = generation.drain()
                 if events:
-                    shipped.append((request_id, events))
+                    shipped.append(RequestEvents(request_id, events))
                     if is_terminal(events[-1]):
                         del live[request_id]
             if shipped:
-                with contextlib.suppress(OSError):  # the worker is gone: the loop below ends
-                    conn.send(("events", shipped, dataclasses.astuple(engine.stats)))
+                send(shipped)
 
-    engine.on_events = ship
-    conn.send(("ready", dataclasses.astuple(engine.stats)))
-    engine.start()
+    backend.on_events = ship
+    conn.send(Ready(backend.stats))
+    backend.start()
     try:
         while True:
             try:
-                message = conn.recv()
+                message: ToEngine = conn.recv()
             except (EOFError, OSError):
                 log.warning("the worker is gone; stopping its engine")
                 return
-            if message[0] == "submit":
-                _, request_id, ids, sampling = message
+            if isinstance(message, Submit):
+                request_id = message.submission.request_id
                 with ship_lock:  # registered before the stepping thread can ship its events
                     try:
-                        live[request_id] = engine.submit(
-                            request_id, ids, SamplingParams.model_validate(sampling)
-                        )
-                    except ValueError as exc:  # still running here (the worker checks first)
+                        live[request_id] = backend.submit(message.submission)
+                    except ValueError as exc:  # still running here
                         log.error("refused %s: %s", request_id, exc)
-                        refused = [(request_id, [Failed(f"refused: {exc}")])]
-                        with contextlib.suppress(OSError):
-                            conn.send(("events", refused, dataclasses.astuple(engine.stats)))
-                ship()  # a prompt the engine refused has its Failed queued already
-            elif message[0] == "cancel":
-                engine.cancel(message[1])
-            elif message[0] == "stop":
+                        send([RequestEvents(request_id, [Failed(f"refused: {exc}")])])
+                ship()  # a prompt the backend refused has its Failed queued already
+            elif isinstance(message, Cancel):
+                backend.cancel(message.request_id)
+            elif isinstance(message, Stop):
                 return
     finally:
-        engine.stop()  # fails what is left, then ships it
+        backend.stop()  # fails what is left, then ships it
         ship()
         conn.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("model_path", type=Path)
     parser.add_argument("--fd", type=int, required=True, help="the worker's socket")
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "echo"])
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--build-default", action="store_true")
@@ -294,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         from workers.models.tiny import build_default_model
 
         build_default_model(args.model_path)
-    serve(conn, args.model_path, args.max_batch, args.threads)
+    options = BackendOptions(max_batch=args.max_batch, num_threads=args.threads)
+    serve(conn, args.backend, args.model_path, options)
     return 0
 
 

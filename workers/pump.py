@@ -4,7 +4,8 @@ A task thread per request that wakes for each token and publishes it alone costs
 handoff and one Redis round trip per sequence per decode step; at 16 sequences that slowed the
 stepping thread by about a quarter (docs/benchmarks.md). Here the engine calls `notify()` after
 each step; one thread drains every watched generation, publishes the new text of all of them in
-one pipeline, and wakes a task thread only once, when its request has ended.
+one pipeline, and hands each request's terminal event to its `on_end` callback once its last
+text is out (the runtime settles it then, on a thread of its own: the pump never waits).
 
 A request's first text goes out at once; after that its text is held until `min_interval_s`
 has passed since its previous delta (or it ends), so a delta carries a few tokens when steps
@@ -15,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import redis
@@ -38,7 +39,7 @@ class _Stream:
     request_id: str
     generation: Generation
     publisher: DeltaPublisher
-    done: threading.Event = field(default_factory=threading.Event)
+    on_end: Callable[[Finished | Failed], None]
     final: Finished | Failed | None = None
     held: str = ""  # text not yet published
     tokens: int = 0  # output tokens after `held`
@@ -89,16 +90,19 @@ class DeltaPump:
         """New events may be waiting (called by the engine's stepping thread)."""
         self._wake.set()
 
-    def watch(self, generation: Generation, publisher: DeltaPublisher) -> Finished | Failed:
-        """Relays `generation`'s text until it ends; returns its terminal event."""
-        stream = _Stream(generation.request_id, generation, publisher)
+    def watch(
+        self,
+        generation: Generation,
+        publisher: DeltaPublisher,
+        on_end: Callable[[Finished | Failed], None],
+    ) -> None:
+        """Relays `generation`'s text until it ends, then calls `on_end` with its terminal
+        event (on the pump's thread: it must return quickly)."""
+        stream = _Stream(generation.request_id, generation, publisher, on_end)
         with self._lock:
             self._streams[stream.request_id] = stream
         # Events queued before the stream was watched must not wait for the next step.
         self._wake.set()
-        stream.done.wait()
-        assert stream.final is not None
-        return stream.final
 
     def _run(self) -> None:
         while True:
@@ -135,12 +139,16 @@ class DeltaPump:
             if sent:
                 self._execute(pipe, sent)
         finally:
-            # Only after its last text is out: the task thread publishes the terminal event next.
+            # Only after its last text is out: the runtime publishes the terminal event next.
             with self._lock:
                 for stream in ended:
                     del self._streams[stream.request_id]
             for stream in ended:
-                stream.done.set()
+                assert stream.final is not None
+                try:
+                    stream.on_end(stream.final)
+                except Exception:  # one request's bookkeeping must not stop the others'
+                    log.exception("ending %s failed", stream.request_id)
 
     def _due(self, stream: _Stream, now: float) -> bool:
         return stream.sent_at is None or now - stream.sent_at >= self._min_interval_s

@@ -1,7 +1,11 @@
-"""Everything one worker process owns: its engines, Redis, and the per-request job loop.
+"""Everything one worker process owns: its engines, Redis, and the life of each request.
 
-A Celery task thread calls `run(job)`: claim the request, hand it to the engine, publish
-ordered events while it decodes, settle the money, then publish the terminal event.
+No thread waits on a request. Celery's consumer hands each job to `dispatch` (workers/dispatch.py)
+and goes on; a few request threads claim it in Postgres and submit it to its engine; the delta
+pump publishes its text step by step and hands over its terminal event; a request thread settles
+the money, publishes the terminal event and acknowledges the message. So a worker can hold as
+many requests in flight as its engines can batch, hundreds on a large GPU, with a fixed number
+of threads.
 """
 
 import contextlib
@@ -13,19 +17,22 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from decimal import Decimal
 
 import redis
 
 from contract.catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, load_catalog
 from contract.errors import API_ERROR, OVERLOADED, ErrorType
-from contract.events import DeltaEvent, DoneEvent, ErrorEvent
+from contract.events import DeltaEvent, DoneEvent, ErrorEvent, WorkerEvent
 from contract.jobs import GenerateJob
 from contract.keys import CANCEL_CHANNEL, cancel_key, events_channel, heartbeat_key, lease_key
 from db.ledger import Outcome, Settlement, claim_request, settle_request
 from db.pricing import cost_usd, credits_for
 from db.session import in_autocommit
-from workers.backends.seam import Failed, Finished, Generation
+from workers.backends.seam import Backend, BackendOptions, Failed, Finished, Generation, Submission
 from workers.engine_process import EngineProcess
 from workers.pump import DeltaPump
 from workers.settings import WorkerSettings
@@ -35,8 +42,17 @@ from workers.telemetry import RequestTelemetry, serve_metrics
 log = logging.getLogger("abl.worker")
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """How to tell the broker a job is done with: acknowledge it, or put it back for another
+    worker. Either may be called from any thread (Celery runs it on its own loop)."""
+
+    ack: Callable[[], None]
+    requeue: Callable[[], None]
+
+
 class Publisher:
-    """Sequence-numbered events for one request."""
+    """Numbered events for one request, on its pub/sub channel."""
 
     def __init__(self, client: redis.Redis, request_id: str) -> None:
         self._client = client
@@ -47,7 +63,8 @@ class Publisher:
         self, text: str, output_tokens: int, via: "redis.client.Pipeline | None" = None
     ) -> None:
         """Publishes now, or queues on `via` (a pipeline the caller executes)."""
-        self._send(DeltaEvent(index=self.next_index, text=text, output_tokens=output_tokens), via)
+        event = DeltaEvent(index=self.next_index, text=text, output_tokens=output_tokens)
+        self._send(event, via)
 
     def done(self, event_fields: dict[str, object]) -> None:
         self._send(DoneEvent(index=self.next_index, **event_fields))  # type: ignore[arg-type]
@@ -55,25 +72,29 @@ class Publisher:
     def error(self, error_type: ErrorType, message: str) -> None:
         self._send(ErrorEvent(index=self.next_index, error_type=error_type, message=message))
 
-    def _send(
-        self,
-        event: DeltaEvent | DoneEvent | ErrorEvent,
-        via: "redis.client.Pipeline | None" = None,
-    ) -> None:
+    def _send(self, event: WorkerEvent, via: "redis.client.Pipeline | None" = None) -> None:
         (via if via is not None else self._client).publish(self._channel, event.model_dump_json())
         self.next_index += 1
 
 
 class WorkerRuntime:
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, engines: dict[str, Backend] | None = None) -> None:
         self.settings = settings
         self.catalog: Catalog = load_catalog(settings.models_file)
         self.redis = redis.Redis.from_url(settings.require_redis_url())
         self.database_url = settings.require_database_url()
         self.credit_price = Decimal(settings.credit_price_usd)
-        self.engines: dict[str, EngineProcess] = {}
+        # Given: tests run backends in this process. Otherwise start() loads one engine
+        # process per model.
+        self.engines: dict[str, Backend] = dict(engines or {})
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Claims and settlements block on Postgres; a few threads do them for every request.
+        self._work = ThreadPoolExecutor(settings.request_threads, thread_name_prefix="request")
+        # Jobs taken from the broker and not yet acknowledged; the condition wakes `drain`.
+        self._in_flight = 0
+        self._idle = threading.Condition()
+        self._draining = False
         # Requests this process is running, and those it is aborting (shutdown, lost Redis).
         self._active: dict[str, str] = {}
         self._aborting: set[str] = set()
@@ -96,22 +117,29 @@ class WorkerRuntime:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        options = BackendOptions(
+            max_batch=self.settings.max_batch, num_threads=self.settings.torch_threads
+        )
         for model_id in self.settings.models:
+            if model_id in self.engines:
+                continue
             spec = self._spec(model_id)
             path = spec.path(self.settings.models_dir)
             # In a child process: its stepping thread shares no GIL with this process's
             # per-request work (workers/engine_process.py, docs/benchmarks.md).
             engine = EngineProcess(
                 path,
-                max_batch=self.settings.max_batch,
-                num_threads=self.settings.torch_threads,
+                backend=spec.backend,
+                options=options,
                 build_default=spec.id == DEFAULT_MODEL_ID,
                 on_exit=self._engine_exited,
             )
-            engine.on_events = self.pump.notify
             engine.start()
             self.engines[model_id] = engine
-            log.info("model %s loaded from %s", model_id, path)
+            log.info("model %s loaded from %s (%s)", model_id, path, spec.backend)
+        for engine in self.engines.values():
+            engine.on_events = self.pump.notify
+            engine.start()
         self.pump.start()
         self.metrics_port = serve_metrics(self.settings, self.engines)
         for target in (self._heartbeat_loop, self._cancel_loop):
@@ -126,10 +154,12 @@ class WorkerRuntime:
         if self.sweeper is not None:
             self.sweeper.stop()
         self._stop.set()
-        self.redis.delete(heartbeat_key(self.settings.worker_name))
+        with contextlib.suppress(redis.RedisError):
+            self.redis.delete(heartbeat_key(self.settings.worker_name))
         for engine in self.engines.values():
             engine.stop()
         self.pump.stop()
+        self._work.shutdown(wait=True)
 
     def _engine_exited(self, code: int | None) -> None:
         """An engine process died (its requests have failed): stop taking jobs, and exit."""
@@ -141,6 +171,11 @@ class WorkerRuntime:
         if spec is None:
             raise RuntimeError(f"model {model_id!r} is not in the catalogue")
         return spec
+
+    @property
+    def queues(self) -> list[str]:
+        """The broker queues of the models this worker serves."""
+        return list(dict.fromkeys(self._spec(m).queue for m in self.settings.models))
 
     def _heartbeat_loop(self) -> None:
         key = heartbeat_key(self.settings.worker_name)
@@ -184,7 +219,27 @@ class WorkerRuntime:
                 self._stop.wait(1.0)
 
     # -- one request -----------------------------------------------------------------------
-    def run(self, job: GenerateJob) -> None:
+    def dispatch(self, job: GenerateJob, delivery: Delivery) -> None:
+        """Takes a job from the broker; returns at once (called on Celery's consumer loop)."""
+        with self._idle:
+            if self._draining:
+                delivery.requeue()  # another worker runs it
+                return
+            self._in_flight += 1
+        self._work.submit(self._guarded, self._begin, job, delivery)
+
+    def _guarded(self, step: Callable[..., None], job: GenerateJob, *args: object) -> None:
+        """Runs one step of a request on a request thread; a bug in it must not strand the
+        request's broker message (it is acknowledged: the sweeper settles the request)."""
+        try:
+            step(job, *args)
+        except Exception:
+            log.exception("request %s: %s failed", job.request_id, step.__name__)
+            delivery = next(a for a in args if isinstance(a, Delivery))
+            self._forget(job.request_id)
+            self._done_with(delivery)
+
+    def _begin(self, job: GenerateJob, delivery: Delivery) -> None:
         # The prefill runs while the claim commits; nothing is published unless it succeeds.
         early = self._submit_early(job)
         try:
@@ -198,21 +253,29 @@ class WorkerRuntime:
         if not claimed:
             self._drop_early(job, early)
             log.info("request %s already claimed or settled; skipping", job.request_id)
+            self._done_with(delivery)
             return
         self._active[job.request_id] = job.model
         self.telemetry.claimed(job.request_id)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(lease_key(job.request_id), self.settings.worker_name, ex=self._lease_ttl)
+            pipe.exists(cancel_key(job.request_id))
+            cancelled = bool(pipe.execute()[1])
+        publisher = Publisher(self.redis, job.request_id)
+        if cancelled:
+            self._drop_early(job, early)
+            self._end(job, publisher, delivery, Finished(None, None, 0, cancelled=True))
+            return
         try:
-            with self.redis.pipeline(transaction=False) as pipe:
-                pipe.set(lease_key(job.request_id), self.settings.worker_name, ex=self._lease_ttl)
-                pipe.exists(cancel_key(job.request_id))
-                cancelled = bool(pipe.execute()[1])
-            self._run_claimed(job, early, cancelled)
-        finally:
-            self._active.pop(job.request_id, None)
-            self._aborting.discard(job.request_id)
-            self._cancel_seen.pop(job.request_id, None)
-            with contextlib.suppress(redis.RedisError):
-                self.redis.delete(lease_key(job.request_id))
+            generation = early or self.engines[job.model].submit(_submission(job))
+        except ValueError as exc:  # a duplicate delivery of this request still runs here
+            self._end(job, publisher, delivery, Failed(f"generation failed: {exc}"))
+            return
+
+        def ended(final: Finished | Failed) -> None:  # on the pump's thread
+            self._work.submit(self._guarded, self._end, job, publisher, delivery, final)
+
+        self.pump.watch(generation, publisher, ended)
 
     def _submit_early(self, job: GenerateJob) -> Generation | None:
         """Starts generating before the claim; None where the engine refuses the request
@@ -221,7 +284,7 @@ class WorkerRuntime:
         if engine is None:
             return None
         try:
-            return engine.submit(job.request_id, job.input_ids, job.sampling)
+            return engine.submit(_submission(job))
         except ValueError:
             return None
 
@@ -229,24 +292,33 @@ class WorkerRuntime:
         if early is not None:
             self.engines[job.model].cancel(job.request_id)
 
-    def _run_claimed(self, job: GenerateJob, early: Generation | None, cancelled: bool) -> None:
-        publisher = Publisher(self.redis, job.request_id)
-        spec = self._spec(job.model)
-        if cancelled:
-            self._drop_early(job, early)
-            self._settle(job, spec, publisher, Finished(None, None, 0, cancelled=True))
-            return
+    def _end(
+        self,
+        job: GenerateJob,
+        publisher: Publisher,
+        delivery: Delivery,
+        final: Finished | Failed,
+    ) -> None:
+        if isinstance(final, Finished) and final.cancelled:
+            self._note_cancelled(job.request_id)
         try:
-            generation = early or self.engines[job.model].submit(
-                job.request_id, job.input_ids, job.sampling
-            )
-            final = self.pump.watch(generation, publisher)
-            if isinstance(final, Finished) and final.cancelled:
-                self._note_cancelled(job.request_id)
-        except Exception as exc:  # the engine failed: the request fails, nothing is charged
-            log.exception("generation failed for %s", job.request_id)
-            final = Failed(message=f"generation failed: {type(exc).__name__}")
-        self._settle(job, spec, publisher, final)
+            self._settle(job, self._spec(job.model), publisher, final)
+        finally:
+            self._forget(job.request_id)
+            self._done_with(delivery)
+
+    def _forget(self, request_id: str) -> None:
+        self._active.pop(request_id, None)
+        self._aborting.discard(request_id)
+        self._cancel_seen.pop(request_id, None)
+        with contextlib.suppress(redis.RedisError):
+            self.redis.delete(lease_key(request_id))
+
+    def _done_with(self, delivery: Delivery) -> None:
+        delivery.ack()
+        with self._idle:
+            self._in_flight -= 1
+            self._idle.notify_all()
 
     def _note_cancelled(self, request_id: str) -> None:
         """The engine's terminal event says the sequence left the batch (its KV is freed)."""
@@ -266,7 +338,11 @@ class WorkerRuntime:
             self.engines[model].cancel(request_id)
 
     def begin_shutdown(self, grace_s: float) -> None:
-        """Let running requests finish for `grace_s`, then abort what is left."""
+        """Take no more jobs; let running requests finish for `grace_s`, then abort the rest."""
+        with self._idle:
+            if self._draining:
+                return
+            self._draining = True
 
         def abort_rest() -> None:
             for request_id in list(self._active):
@@ -276,6 +352,11 @@ class WorkerRuntime:
         timer = threading.Timer(grace_s, abort_rest)
         timer.daemon = True
         timer.start()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Waits until every job taken has been acknowledged; False if `timeout_s` passed."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout_s)
 
     def _unpublishable(self, request_id: str) -> None:
         log.warning("cannot publish %s: Redis unreachable; aborting", request_id)
@@ -333,7 +414,7 @@ class WorkerRuntime:
         settlement: Settlement,
         outcome: Outcome,
         input_tokens: int,
-        error_type: str,
+        error_type: ErrorType,
     ) -> None:
         if settlement.status == "failed":
             publisher.error(error_type, outcome.error or "generation failed")
@@ -350,6 +431,10 @@ class WorkerRuntime:
                 "cost_usd": str(settlement.cost_usd),
             }
         )
+
+
+def _submission(job: GenerateJob) -> Submission:
+    return Submission(job.request_id, job.input_ids, job.sampling)
 
 
 _runtime: WorkerRuntime | None = None

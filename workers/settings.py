@@ -13,8 +13,13 @@ class WorkerSettings(CoreSettings):
     # Comma-separated catalogue ids this worker serves (one engine each).
     worker_models: str = DEFAULT_MODEL_ID
     worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    # Sequences decoded together; also the Celery thread-pool size.
+    # Sequences decoded together.
     max_batch: int = Field(default=16, ge=1)
+    # Jobs this worker holds at once, running or waiting for a batch slot (the broker's
+    # prefetch count); unset: ABL_MAX_BATCH, so no job waits here while another worker idles.
+    max_in_flight: int | None = Field(default=None, ge=1)
+    # Threads that claim and settle requests in Postgres, for all requests in flight.
+    request_threads: int = Field(default=4, ge=1)
     # torch threads of each engine on CPU; unset: one fewer than the cores this process may use.
     torch_threads: int | None = Field(default=None, ge=1)
     # Least time between two text deltas of one request; its first text goes out at once.
@@ -35,6 +40,10 @@ class WorkerSettings(CoreSettings):
     # Workers sharing a host (or network namespace) each need their own port.
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
+
+    @property
+    def in_flight_limit(self) -> int:
+        return self.max_in_flight or self.max_batch
 
     @property
     def models(self) -> list[str]:

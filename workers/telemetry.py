@@ -65,8 +65,9 @@ class EngineCollector(Collector):
         batch = gauge("abl_worker_batch_size", "Sequences in the running batch")
         waiting = gauge("abl_worker_waiting_sequences", "Submitted, not yet in the batch")
         kv = gauge("abl_worker_kv_cache_tokens", "Real tokens held in the batch's KV cache")
-        padded = gauge(
-            "abl_worker_kv_cache_padded_tokens", "Rows x width of the KV cache, padding included"
+        allocated = gauge(
+            "abl_worker_kv_cache_allocated_tokens",
+            "Token slots the KV cache holds for the batch, padding or block rounding included",
         )
         capacity = gauge("abl_worker_kv_cache_capacity_tokens", "Most tokens the KV cache may hold")
         usage = gauge("abl_worker_kv_cache_usage_ratio", "KV cache tokens / capacity")
@@ -86,14 +87,14 @@ class EngineCollector(Collector):
             batch.add_metric([model], stats.active)
             waiting.add_metric([model], stats.waiting)
             kv.add_metric([model], stats.kv_tokens)
-            padded.add_metric([model], stats.kv_padded_tokens)
+            allocated.add_metric([model], stats.kv_allocated_tokens)
             capacity.add_metric([model], stats.kv_capacity_tokens)
             usage.add_metric([model], stats.kv_tokens / max(1, stats.kv_capacity_tokens))
             tokens.add_metric([model], stats.tokens_generated)
             steps.add_metric([model], stats.steps)
             for outcome in ("finished", "cancelled", "failed"):
                 generations.add_metric([model, outcome], getattr(stats, outcome))
-        yield from (batch, waiting, kv, padded, capacity, usage, tokens, steps, generations)
+        yield from (batch, waiting, kv, allocated, capacity, usage, tokens, steps, generations)
 
 
 def serve_metrics(settings: "WorkerSettings", engines: Mapping[str, HasStats]) -> int | None:

@@ -38,6 +38,7 @@ from api.errors import InvalidRequestError, NotFoundError
 from db.accounts import create_account, create_api_key, revoke_key
 from db.ledger import AccountUnavailable, InsufficientCredits, append_balance_entry, reconcile
 from db.models import Account, ApiKey, LedgerEntry, Request
+from db.pages import keyset_page
 from db.session import transaction
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
@@ -72,7 +73,7 @@ def list_accounts(
 ) -> AccountPage:
     """Accounts, oldest first; pass the previous page's `next_after_id` as `after_id`."""
     with transaction(settings.require_database_url()) as session:
-        query = select(Account).order_by(Account.created_at, Account.id).limit(limit + 1)
+        query = select(Account).order_by(Account.created_at, Account.id)
         if after_id is not None:
             cursor = session.get(Account, after_id)
             if cursor is None:
@@ -80,12 +81,12 @@ def list_accounts(
             query = query.where(
                 tuple_(Account.created_at, Account.id) > tuple_(cursor.created_at, cursor.id)
             )
-        rows = list(session.scalars(query))
-        page, has_more = rows[:limit], len(rows) > limit
+        page = keyset_page(session, query, limit)
+        last = page.next_cursor_row
         return AccountPage(
-            data=[AccountOut.of(a) for a in page],
-            has_more=has_more,
-            next_after_id=page[-1].id if has_more else None,
+            data=[AccountOut.of(a) for a in page.rows],
+            has_more=page.has_more,
+            next_after_id=last.id if last is not None else None,
         )
 
 
@@ -210,16 +211,15 @@ def account_ledger(
             select(LedgerEntry)
             .where(LedgerEntry.account_id == account_id)
             .order_by(LedgerEntry.id.desc())
-            .limit(limit + 1)
         )
         if before_id is not None:
             query = query.where(LedgerEntry.id < before_id)
-        rows = list(session.scalars(query))
-        page, has_more = rows[:limit], len(rows) > limit
+        page = keyset_page(session, query, limit)
+        last = page.next_cursor_row
         return LedgerPage(
-            data=[LedgerEntryOut.model_validate(e) for e in page],
-            has_more=has_more,
-            next_before_id=page[-1].id if has_more else None,
+            data=[LedgerEntryOut.model_validate(e) for e in page.rows],
+            has_more=page.has_more,
+            next_before_id=last.id if last is not None else None,
         )
 
 

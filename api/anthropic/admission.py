@@ -7,7 +7,7 @@ slot, and the output tokens it did not produce, in `finish()`.
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi.concurrency import run_in_threadpool
 
@@ -24,6 +24,7 @@ from api.errors import (
 from api.ids import new_message_id
 from api.platform import Platform
 from api.ratelimit import Cost, Limits, RateLimiter, Ticket
+from api.response_headers import ResponseHeaders
 from contract.catalog import ModelSpec
 from contract.jobs import GenerateJob
 from db.ledger import AccountUnavailable, InsufficientCredits, NewRequest, open_request
@@ -42,8 +43,6 @@ class Admitted:
     input_tokens: int
     credits_reserved: int
     principal: Principal
-    # Sent on the response, whatever its outcome (e.g. anthropic-ratelimit-*).
-    headers: dict[str, str] = field(default_factory=dict)
     # The rate-limit claim that finish() settles.
     ticket: Ticket | None = None
 
@@ -108,21 +107,25 @@ def rate_subject(principal: Principal) -> str:
 
 
 async def admit(
-    platform: Platform, principal: Principal, body: MessagesRequest, request_id: str
+    platform: Platform,
+    principal: Principal,
+    body: MessagesRequest,
+    request_id: str,
+    headers: ResponseHeaders,
 ) -> Admitted:
-    """Check against the model, rate-limit, then persist the request and reserve its worst case."""
+    """Check against the model, rate-limit, then persist the request and reserve its worst case.
+
+    The caller's rate-limit headers, as they stand after each step, go to `headers`.
+    """
     limiter = RateLimiter(platform.redis, platform.settings)
     limits = Limits.resolve(principal.rate_limits, platform.settings)
     subject = rate_subject(principal)
-    try:
-        spec = resolve_model(platform, body.model)
-        input_ids = await tokenize_async(platform, spec, body)
-        max_tokens = decide_max_tokens(platform, spec, body, len(input_ids))
-    except ApiError as exc:
-        exc.headers = {**await current_limit_headers(platform, principal), **exc.headers}
-        raise
+    spec = resolve_model(platform, body.model)
+    input_ids = await tokenize_async(platform, spec, body)
+    max_tokens = decide_max_tokens(platform, spec, body, len(input_ids))
     cost = Cost(requests=1, input_tokens=len(input_ids), output_tokens=max_tokens)
     ticket, decision = await limiter.acquire(subject, limits, cost, request_id)
+    headers.update(decision.headers())
     worst = cost_usd(
         len(input_ids), max_tokens, spec.input_price_per_mtok, spec.output_price_per_mtok
     )
@@ -141,8 +144,8 @@ async def admit(
     )
     try:
         await run_in_threadpool(_open, platform.database_url, new)
-    except ApiError as exc:
-        exc.headers = {**await _give_back(limiter, ticket, decision.headers()), **exc.headers}
+    except ApiError:
+        headers.update(await _give_back(limiter, ticket, decision.headers()))
         raise
     except BaseException:
         # Cancelled or the database failed: this task may not await any more; release anyway.
@@ -164,7 +167,6 @@ async def admit(
         len(input_ids),
         reserve,
         principal,
-        headers=decision.headers(),
         ticket=ticket,
     )
 

@@ -1,30 +1,23 @@
 """Anthropic-compatible routes: /v1/messages, /v1/messages/count_tokens, /v1/models."""
 
-import time
 from collections.abc import AsyncIterator
+from functools import partial
+from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from redis.exceptions import RedisError
 
 from api.anthropic import sse
-from api.anthropic.admission import Admitted, admit, finish, resolve_model, tokenize_async
+from api.anthropic.admission import admit, current_limit_headers, resolve_model, tokenize_async
 from api.anthropic.convert import message_delta_event, message_response, model_info, models_page
 from api.anthropic.protocol import CountTokensRequest, MessagesRequest, ModelInfo, TokenCount
+from api.anthropic.run import RequestRun
 from api.credentials import PrincipalDep
 from api.deps import PlatformDep
-from api.errors import (
-    ApiError,
-    GatewayTimeoutError,
-    OverloadedError,
-    api_error_for,
-    request_id_of,
-)
+from api.errors import ApiError, request_id_of
 from api.metrics import RequestMeter
-from api.platform import Platform
-from api.relay import EventSubscription
-from api.supervision import RequestWatch
-from contract.events import DeltaEvent, DoneEvent
+from api.response_headers import ResponseHeaders, response_headers
+from contract.events import DeltaEvent
 
 # nginx's code for a client that went away before the answer; nobody reads it.
 CLIENT_CLOSED_REQUEST = 499
@@ -32,160 +25,83 @@ CLIENT_CLOSED_REQUEST = 499
 router = APIRouter()
 
 
+def _collect_headers(
+    request: Request, principal: PrincipalDep, platform: PlatformDep
+) -> ResponseHeaders:
+    """Every answer to a known caller carries its rate-limit state, errors included (a body
+    that fails validation too: dependencies run before the body is validated)."""
+    headers = response_headers(request)
+    headers.fallback = partial(current_limit_headers, platform, principal)
+    return headers
+
+
+HeadersDep = Annotated[ResponseHeaders, Depends(_collect_headers)]
+
+
 @router.post("/v1/messages")
 async def create_message(
-    body: MessagesRequest, principal: PrincipalDep, platform: PlatformDep, request: Request
-) -> object:
-    meter = RequestMeter(
-        platform.catalog, principal, body.model, request_id_of(request), body.stream
-    )
+    body: MessagesRequest,
+    principal: PrincipalDep,
+    platform: PlatformDep,
+    headers: HeadersDep,
+    request: Request,
+) -> Response:
+    request_id = request_id_of(request)
+    meter = RequestMeter(platform.catalog, principal, body.model, request_id, body.stream)
     try:
-        admitted = await admit(platform, principal, body, request_id_of(request))
+        admitted = await admit(platform, principal, body, request_id, headers)
     except BaseException as exc:
         meter.fail(exc)
         meter.close(cancelled=True)
         raise
-    try:
-        subscription = await _start(platform, admitted)
-    except ApiError as exc:
-        meter.fail(exc)
-        meter.close()
-        await finish(platform, admitted, None)
-        exc.headers = {**admitted.headers, **exc.headers}
-        raise
-    meter.queued(admitted.input_tokens)
+    run = RequestRun(platform, admitted, meter)
+    await run.start()
+    extra = await headers.resolve()
     if body.stream:
         return StreamingResponse(
-            _stream(platform, admitted, body.model, subscription, meter),
+            _stream(run, body.model),
             media_type="text/event-stream; charset=utf-8",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no", **admitted.headers},
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no", **extra},
         )
-    try:
-        response = await _complete(platform, admitted, body.model, request, subscription, meter)
-    except ApiError as exc:
-        exc.headers = {**admitted.headers, **exc.headers}
-        raise
-    response.headers.update(admitted.headers)
+    response = await _complete(run, body.model, request)
+    response.headers.update(extra)
     return response
 
 
-async def _start(platform: Platform, admitted: Admitted) -> EventSubscription:
-    """Subscribe first, then enqueue: no event can be published before we listen."""
-    subscription = EventSubscription(platform.events, admitted.request_id)
-    try:
-        await subscription.__aenter__()
-        await platform.enqueue(admitted.spec, admitted.job)
-    except BaseException as exc:
-        await subscription.__aexit__(None, None, None)
-        await platform.abandon(admitted.request_id, "could not enqueue the request")
-        if isinstance(exc, RedisError | OSError | TimeoutError):
-            raise OverloadedError("the request queue is unavailable, retry shortly") from exc
-        raise
-    return subscription
-
-
-async def _complete(
-    platform: Platform,
-    admitted: Admitted,
-    model: str,
-    request: Request,
-    subscription: EventSubscription,
-    meter: RequestMeter,
-) -> Response:
-    deadline = time.monotonic() + platform.settings.request_timeout_s
-    watch = RequestWatch(platform, admitted.request_id, subscription)
+async def _complete(run: RequestRun, model: str, request: Request) -> Response:
     text: list[str] = []
-    finished = False
-    produced: int | None = None
-    try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise GatewayTimeoutError("the request timed out and was cancelled")
-            event = await watch.next(min(remaining, 1.0))
+    async with run:
+        async for event in run.events(tick=1.0):
             if event is None:
                 if await request.is_disconnected():
                     return Response(status_code=CLIENT_CLOSED_REQUEST)
-                continue
-            if isinstance(event, DeltaEvent):
-                meter.delta(event)
-                text.append(event.text)
-                continue
-            finished = True
-            if isinstance(event, DoneEvent):
-                meter.done(event)
-                produced = event.output_tokens
-                if event.status == "cancelled":
-                    raise OverloadedError("the request was stopped by its worker; retry it")
-                response = message_response(
-                    message_id=admitted.message_id, model=model, text="".join(text), done=event
-                )
-                return JSONResponse(response.model_dump(mode="json"))
-            raise api_error_for(event.error_type, event.message)
-    except ApiError as exc:
-        meter.fail(exc)
-        raise
-    finally:
-        # Before any await: a client that went away cancels this task, and under anyio's
-        # cancellation every later await raises again, skipping the rest of this block.
-        if not finished:
-            platform.cancel_soon(admitted.request_id)
-        meter.close(cancelled=not finished)
-        platform.spawn(finish(platform, admitted, produced))
-        await subscription.__aexit__(None, None, None)
-
-
-async def _stream(
-    platform: Platform,
-    admitted: Admitted,
-    model: str,
-    subscription: EventSubscription,
-    meter: RequestMeter,
-) -> AsyncIterator[bytes]:
-    deadline = time.monotonic() + platform.settings.request_timeout_s
-    watch = RequestWatch(platform, admitted.request_id, subscription)
-    finished = False
-    produced: int | None = None
-    try:
-        yield sse.message_start(admitted.message_id, model, admitted.input_tokens)
-        yield sse.content_block_start(0)
-        yield sse.ping()
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise GatewayTimeoutError("the request timed out and was cancelled")
-            event = await watch.next(min(remaining, platform.settings.ping_interval_s))
-            if event is None:
-                yield sse.ping()
             elif isinstance(event, DeltaEvent):
-                meter.delta(event)
-                yield sse.text_delta(0, event.text)
-            elif isinstance(event, DoneEvent):
-                finished = True
-                meter.done(event)
-                produced = event.output_tokens
-                if event.status == "cancelled":
-                    raise OverloadedError("the request was stopped by its worker; retry it")
-                yield sse.content_block_stop(0)
-                yield message_delta_event(event)
-                yield sse.message_stop()
-                return
+                text.append(event.text)
             else:
-                finished = True
-                meter.fail(event.error_type)
-                yield sse.error_event(event.error_type, event.message)
-                return
-    except ApiError as exc:
-        meter.fail(exc)
-        yield sse.error_event(exc.error_type, exc.message)
-    finally:
-        # Before any await: a client that went away cancels this task, and under anyio's
-        # cancellation every later await raises again, skipping the rest of this block.
-        if not finished:
-            platform.cancel_soon(admitted.request_id)
-        meter.close(cancelled=not finished)
-        platform.spawn(finish(platform, admitted, produced))
-        await subscription.__aexit__(None, None, None)
+                message = message_response(
+                    message_id=run.admitted.message_id, model=model, text="".join(text), done=event
+                )
+                return JSONResponse(message.model_dump(mode="json"))
+    raise AssertionError("the events of a request end with its DoneEvent or an error")
+
+
+async def _stream(run: RequestRun, model: str) -> AsyncIterator[bytes]:
+    async with run:
+        try:
+            yield sse.message_start(run.admitted.message_id, model, run.admitted.input_tokens)
+            yield sse.content_block_start(0)
+            yield sse.ping()
+            async for event in run.events(tick=run.platform.settings.ping_interval_s):
+                if event is None:
+                    yield sse.ping()
+                elif isinstance(event, DeltaEvent):
+                    yield sse.text_delta(0, event.text)
+                else:
+                    yield sse.content_block_stop(0)
+                    yield message_delta_event(event)
+                    yield sse.message_stop()
+        except ApiError as exc:
+            yield sse.error_event(exc.error_type, exc.message)
 
 
 @router.post("/v1/messages/count_tokens")

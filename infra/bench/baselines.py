@@ -12,8 +12,8 @@ from typing import Any
 
 from contract.jobs import SamplingParams
 from infra.bench.stats import RequestRecord
-from workers.backends.seam import Failed, Finished, TextChunk
-from workers.backends.transformers.engine import Engine
+from workers.backends.seam import Failed, Finished, Submission, TextChunk
+from workers.backends.transformers.engine import TransformersEngine
 from workers.backends.transformers.reference import sequential_generate
 
 
@@ -24,7 +24,9 @@ class Baselines:
         self, model_path: Path, prompt: str, max_batch: int, num_threads: int | None
     ) -> None:
         # The worker's torch threads: the same engine policy, or the same explicit number.
-        self.engine = Engine.load(Path(model_path), max_batch=max_batch, num_threads=num_threads)
+        self.engine = TransformersEngine.load(
+            Path(model_path), max_batch=max_batch, num_threads=num_threads
+        )
         renderer = self.engine.renderer
         # Rendered and tokenized exactly as the API does for one user message, no system.
         self.prompt_ids: list[int] = renderer.encode(renderer.render(None, [("user", prompt)]))
@@ -83,7 +85,7 @@ class Baselines:
         record = RequestRecord(request_id=request_id)
         start = time.perf_counter()
         last = start
-        generation = self.engine.submit(request_id, self.prompt_ids, params)
+        generation = self.engine.submit(Submission(request_id, self.prompt_ids, params))
         for event in generation.events(timeout=300):
             now = time.perf_counter()
             if isinstance(event, TextChunk) and event.text:

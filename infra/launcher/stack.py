@@ -31,6 +31,22 @@ from infra.launcher.services import (
 API_NAME = "api"
 
 
+def api_argv(host: str, port: int) -> list[str]:
+    """The command that runs one API process."""
+    factory = "api.main:create_app"
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        factory,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+
+
 class StackError(RuntimeError):
     """The stack could not start; the message carries the tail of the children's logs."""
 
@@ -336,17 +352,7 @@ class Stack:
         self.timings["model_build"] = time.monotonic() - self._build_started
 
     def _api_argv(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "api.main:create_app",
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-        ]
+        return api_argv(self.host, self.port)
 
     def _child(self, name: str, argv: list[str], env: Mapping[str, str]) -> ChildProcess:
         full_env = {**self.env_for_children(), **env}

@@ -5,7 +5,6 @@ One private stack for this module (two workers, short leases and timeouts), so t
 never disturbs the session's stack. The tests run in file order; each leaves the stack whole.
 """
 
-import json
 import os
 import secrets
 import signal
@@ -27,6 +26,7 @@ from db.models import Account, Request
 from db.session import get_sessionmaker
 from infra.bench.observe import descendants
 from infra.launcher.stack import Stack
+from tests.support import sse_events, wait_for
 
 MODEL = "abliterated-model"
 LONG = {
@@ -77,25 +77,6 @@ def db(fault_stack: Stack) -> Iterator[Session]:
         yield session
 
 
-def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
-    name = None
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: ") and name:
-            yield name, json.loads(line[6:])
-
-
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.2):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
 def books_are_straight(stack: Stack) -> None:
     """No request left open, no hold left, and every account reconciles."""
     assert stack.database_url
@@ -125,7 +106,7 @@ def start_long_stream(stack: Stack, key: str) -> tuple[httpx.Client, httpx.Respo
     client = httpx.Client(base_url=stack.base_url, headers={"x-api-key": key}, timeout=60)
     response = client.send(client.build_request("POST", "/v1/messages", json=LONG), stream=True)
     assert response.status_code == 200, response.read()
-    events = sse_events(response)
+    events = sse_events(response.iter_lines())
     for name, _ in events:
         if name == "content_block_delta":
             break

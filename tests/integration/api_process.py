@@ -1,7 +1,6 @@
 """One more API process beside the stack's: same Postgres and Redis, its own port and settings."""
 
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -10,7 +9,7 @@ from pathlib import Path
 import httpx
 
 from infra.launcher.services import free_port
-from infra.launcher.stack import Stack
+from infra.launcher.stack import Stack, api_argv
 
 
 @contextmanager
@@ -20,17 +19,7 @@ def api_process(
     """Start `uvicorn --factory api.main:create_app` with the stack's env plus `env`; its URL."""
     port = free_port("127.0.0.1")
     full_env = {**stack.env_for_children(), "ABL_PORT": str(port), **(env or {})}
-    argv = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        "api.main:create_app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    argv = api_argv("127.0.0.1", port)
     base_url = f"http://127.0.0.1:{port}"
     with log_path.open("ab") as log:
         proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT)

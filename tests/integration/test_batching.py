@@ -6,7 +6,6 @@ stack refreshes every couple of seconds.
 
 import json
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any
@@ -23,6 +22,7 @@ from db.pricing import cost_usd, credits_for
 from db.session import get_sessionmaker
 from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory, ApiAccount
+from tests.support import sse_events
 
 MODEL = DEFAULT_MODEL.id
 # The stack's children inherit this environment: they price credits the same way.
@@ -46,15 +46,6 @@ def body(prompt: str, max_tokens: int = 48, **extra: Any) -> dict[str, Any]:
         "messages": [{"role": "user", "content": prompt}],
         **extra,
     }
-
-
-def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    name = ""
-    for line in lines:
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            yield name, json.loads(line[6:])
 
 
 def stream(http: httpx.Client, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -27,6 +27,7 @@ from db.session import get_sessionmaker, transaction
 from db.stuck_requests import sweep
 from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -47,14 +48,6 @@ def credits_of(input_tokens: int, output_tokens: int) -> int:
     return credits_for(
         cost_usd(input_tokens, output_tokens, PRICE_PER_MTOK, PRICE_PER_MTOK), CREDIT_USD
     )
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def fresh(db: Session, row_type: type[Any], key: str) -> Any:
@@ -135,7 +128,9 @@ def test_fifty_concurrent_requests_cannot_overspend(
 
     charged = sum(r.json()["estimated_credits_used"] for r in ok)
     assert charged <= credits
-    wait_for(lambda: fresh(db, Account, account.id).reserved_credits == 0, 10, "holds released")
+    wait_for(
+        lambda: fresh(db, Account, account.id).reserved_credits == 0, 10, what="holds released"
+    )
     row = fresh(db, Account, account.id)
     assert row.credit_balance == credits - charged >= 0
     requests = list(db.scalars(select(Request).where(Request.account_id == account.id)))
@@ -257,7 +252,7 @@ def test_cancelled_stream_is_charged_for_what_it_produced(
     def settled() -> bool:
         return fresh(db, Request, request_id).status not in ("queued", "running")
 
-    wait_for(settled, 30, "the cancelled request to settle")
+    wait_for(settled, 30, what="the cancelled request to settle")
     row = fresh(db, Request, request_id)
     assert row.status == "cancelled"
     assert received <= row.output_tokens < 500
@@ -385,6 +380,6 @@ def test_the_workers_sweeper_frees_a_dead_workers_hold(
     request_id = _open_claimed(stack.database_url, account.id, 25, ghost)
     assert fresh(db, Account, account.id).reserved_credits == 25
     # Passes every ~5 s; a worker counts as dead after its heartbeat TTL (6 s) on two passes.
-    wait_for(lambda: fresh(db, Request, request_id).status == "failed", 60, "the sweeper")
+    wait_for(lambda: fresh(db, Request, request_id).status == "failed", 60, what="the sweeper")
     assert_swept(db, request_id, account.id, 500, f"worker {ghost} died")
     assert_books_straight(admin, account.id)

@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -25,6 +25,7 @@ from db.session import get_sessionmaker
 from infra.launcher.stack import Stack
 from tests.netns import VirtualHosts, netns_unavailable
 from tests.scrape import Samples, scrape
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -41,16 +42,6 @@ LONG = {
 }
 SHORT = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
 T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Metrics, request logs and readiness on the session's stack: what an operator sees."""
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory, ApiAccount
 from tests.integration.api_process import api_process
 from tests.scrape import Samples, scrape
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -59,16 +59,6 @@ def request_lines(log_path: Path, request_id: str) -> list[dict[str, Any]]:
             if record.get("logger") == "abl.requests" and record["request_id"] == request_id:
                 lines.append(record)
     return lines
-
-
-def wait_for(predicate: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def test_requests_tokens_credits_and_latency_are_counted(stack: Stack, http: httpx.Client) -> None:

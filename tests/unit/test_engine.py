@@ -8,8 +8,8 @@ import torch
 from transformers import DynamicCache
 
 from contract.jobs import SamplingParams
-from workers.backends.seam import Failed, Finished, Generation, TextChunk
-from workers.backends.transformers.engine import Engine
+from workers.backends.seam import Failed, Finished, Generation, Submission, TextChunk
+from workers.backends.transformers.engine import TransformersEngine
 from workers.backends.transformers.kv_batch import BatchCache
 
 PROMPTS = [
@@ -45,45 +45,48 @@ def greedy(max_tokens: int = 24, **kw: object) -> SamplingParams:
 
 
 @pytest.fixture(scope="module")
-def engine(default_model_dir: Path) -> Iterator[Engine]:
-    engine = Engine.load(default_model_dir, max_batch=8)
+def engine(default_model_dir: Path) -> Iterator[TransformersEngine]:
+    engine = TransformersEngine.load(default_model_dir, max_batch=8)
     yield engine
     engine.stop()
 
 
-def prompt_ids(engine: Engine, text: str) -> list[int]:
+def prompt_ids(engine: TransformersEngine, text: str) -> list[int]:
     return engine.renderer.encode(engine.renderer.render(None, [("user", text)]))
 
 
-def alone(engine: Engine, text: str, params: SamplingParams, rid: str) -> Result:
-    return collect(engine.submit(rid, prompt_ids(engine, text), params))
+def alone(engine: TransformersEngine, text: str, params: SamplingParams, rid: str) -> Result:
+    return collect(engine.submit(Submission(rid, prompt_ids(engine, text), params)))
 
 
-def wait_idle(engine: Engine) -> None:
+def wait_idle(engine: TransformersEngine) -> None:
     deadline = time.monotonic() + 10
     while engine.stats.active or engine.stats.waiting:
         assert time.monotonic() < deadline
         time.sleep(0.01)
 
 
-def test_greedy_alone_equals_transformers_generate(engine: Engine) -> None:
+def test_greedy_alone_equals_transformers_generate(engine: TransformersEngine) -> None:
     ids = prompt_ids(engine, PROMPTS[1])
     with torch.inference_mode():
         out = engine.model.generate(
             torch.tensor([ids]), max_new_tokens=24, do_sample=False, min_new_tokens=24
         )
     expected = out[0, len(ids) :].tolist()
-    result = collect(engine.submit("hf", ids, greedy(24)))
+    result = collect(engine.submit(Submission("hf", ids, greedy(24))))
     assert result.ids == expected
     assert result.text == engine.renderer.decode(expected)
 
 
-def test_concurrent_requests_share_a_batch_and_get_their_own_text(engine: Engine) -> None:
+def test_concurrent_requests_share_a_batch_and_get_their_own_text(
+    engine: TransformersEngine,
+) -> None:
     solo = [alone(engine, p, greedy(), f"solo-{i}") for i, p in enumerate(PROMPTS)]
     assert len({r.text for r in solo}) > 1  # the prompts lead to different outputs
     before = engine.stats
     generations = [
-        engine.submit(f"batch-{i}", prompt_ids(engine, p), greedy()) for i, p in enumerate(PROMPTS)
+        engine.submit(Submission(f"batch-{i}", prompt_ids(engine, p), greedy()))
+        for i, p in enumerate(PROMPTS)
     ]
     batched = [collect(g) for g in generations]
     assert engine.stats.max_batch_seen > 1
@@ -94,13 +97,17 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_text(engine: Engine
         assert many.final == one.final == Finished("max_tokens", None, 24, False)
 
 
-def test_requests_joining_and_leaving_mid_batch_match_greedy_alone(engine: Engine) -> None:
+def test_requests_joining_and_leaving_mid_batch_match_greedy_alone(
+    engine: TransformersEngine,
+) -> None:
     # Long enough that the shared cache outgrows its spare room while rows come and go.
     plans = [(PROMPTS[3], 100), (PROMPTS[2], 12), (PROMPTS[5], 80), (PROMPTS[0], 20)]
     solo = [alone(engine, p, greedy(n), f"ref-{i}") for i, (p, n) in enumerate(plans)]
     generations: list[Generation] = []
     results: list[Result] = []
-    first = engine.submit("late-0", prompt_ids(engine, plans[0][0]), greedy(plans[0][1]))
+    first = engine.submit(
+        Submission("late-0", prompt_ids(engine, plans[0][0]), greedy(plans[0][1]))
+    )
     generations.append(first)
     # Let the first decode a while before each newcomer arrives, so they join a running batch.
     seen: list[TextChunk] = []
@@ -109,7 +116,9 @@ def test_requests_joining_and_leaving_mid_batch_match_greedy_alone(engine: Engin
             event = first.get(timeout=30)
             assert isinstance(event, TextChunk)
             seen.append(event)
-        generations.append(engine.submit(f"late-{i}", prompt_ids(engine, text), greedy(n)))
+        generations.append(
+            engine.submit(Submission(f"late-{i}", prompt_ids(engine, text), greedy(n)))
+        )
     results = [collect(g) for g in generations]
     results[0].text = "".join(e.text for e in seen) + results[0].text
     assert engine.stats.max_batch_seen >= 3
@@ -119,14 +128,14 @@ def test_requests_joining_and_leaving_mid_batch_match_greedy_alone(engine: Engin
     wait_idle(engine)
 
 
-def test_max_tokens_stop_reason_and_count(engine: Engine) -> None:
+def test_max_tokens_stop_reason_and_count(engine: TransformersEngine) -> None:
     result = alone(engine, PROMPTS[0], greedy(5), "max")
     assert result.final == Finished("max_tokens", None, 5, False)
     assert len(result.ids) == 5
     assert result.chunks[-1].output_tokens <= 5
 
 
-def test_stop_sequence_cuts_text_and_reports_it(engine: Engine) -> None:
+def test_stop_sequence_cuts_text_and_reports_it(engine: TransformersEngine) -> None:
     full = alone(engine, PROMPTS[1], greedy(40), "full")
     stop = full.text[12:16]
     assert stop.strip()
@@ -138,7 +147,7 @@ def test_stop_sequence_cuts_text_and_reports_it(engine: Engine) -> None:
     assert cut.ids == full.ids[: len(cut.ids)]
 
 
-def test_end_of_turn_token_ends_the_request(engine: Engine) -> None:
+def test_end_of_turn_token_ends_the_request(engine: TransformersEngine) -> None:
     reference = alone(engine, PROMPTS[4], greedy(30), "eos-ref")
     # Pretend the 6th generated token is the model's end-of-turn token.
     eos = reference.ids[5]
@@ -153,8 +162,10 @@ def test_end_of_turn_token_ends_the_request(engine: Engine) -> None:
     assert result.text == engine.renderer.decode(reference.ids[: n - 1])  # but is not text
 
 
-def test_cancel_frees_the_slot(engine: Engine) -> None:
-    generation = engine.submit("cancel-me", prompt_ids(engine, PROMPTS[0]), greedy(1500))
+def test_cancel_frees_the_slot(engine: TransformersEngine) -> None:
+    generation = engine.submit(
+        Submission("cancel-me", prompt_ids(engine, PROMPTS[0]), greedy(1500))
+    )
     first = generation.get(timeout=30)
     assert isinstance(first, TextChunk)
     assert engine.cancel("cancel-me")
@@ -170,9 +181,9 @@ def test_cancel_frees_the_slot(engine: Engine) -> None:
 
 
 def test_cancel_while_waiting(default_model_dir: Path) -> None:
-    engine = Engine(default_model_dir, max_batch=1)  # not started: requests stay queued
+    engine = TransformersEngine(default_model_dir, max_batch=1)  # not started: requests stay queued
     try:
-        generation = engine.submit("queued", [1, 2, 3], greedy(5))
+        generation = engine.submit(Submission("queued", [1, 2, 3], greedy(5)))
         assert engine.stats.waiting == 1
         assert engine.cancel("queued")
         engine.start()
@@ -182,7 +193,7 @@ def test_cancel_while_waiting(default_model_dir: Path) -> None:
         engine.stop()
 
 
-def test_sampling_varies_while_greedy_is_deterministic(engine: Engine) -> None:
+def test_sampling_varies_while_greedy_is_deterministic(engine: TransformersEngine) -> None:
     sampled = SamplingParams(max_tokens=16, temperature=1.0)
     a = alone(engine, PROMPTS[0], sampled, "t1-a")
     b = alone(engine, PROMPTS[0], sampled, "t1-b")
@@ -192,7 +203,7 @@ def test_sampling_varies_while_greedy_is_deterministic(engine: Engine) -> None:
     assert g1.ids == g2.ids and g1.text == g2.text
 
 
-def test_top_k_1_equals_greedy(engine: Engine) -> None:
+def test_top_k_1_equals_greedy(engine: TransformersEngine) -> None:
     reference = alone(engine, PROMPTS[5], greedy(16), "k-ref")
     params = SamplingParams(max_tokens=16, temperature=1.5, top_k=1)
     assert alone(engine, PROMPTS[5], params, "k1").ids == reference.ids
@@ -204,22 +215,24 @@ def test_top_k_1_equals_greedy(engine: Engine) -> None:
     ("ids", "message"),
     [([], "empty"), ([1] * 5000, "context window"), ([1, 99_999], "vocabulary")],
 )
-def test_bad_prompts_fail_without_running(engine: Engine, ids: list[int], message: str) -> None:
-    result = collect(engine.submit("bad", ids, greedy(4)))
+def test_bad_prompts_fail_without_running(
+    engine: TransformersEngine, ids: list[int], message: str
+) -> None:
+    result = collect(engine.submit(Submission("bad", ids, greedy(4))))
     assert isinstance(result.final, Failed)
     assert message in result.final.message
 
 
-def test_duplicate_request_id_is_refused(engine: Engine) -> None:
-    generation = engine.submit("dup", prompt_ids(engine, PROMPTS[0]), greedy(200))
+def test_duplicate_request_id_is_refused(engine: TransformersEngine) -> None:
+    generation = engine.submit(Submission("dup", prompt_ids(engine, PROMPTS[0]), greedy(200)))
     with pytest.raises(ValueError, match="already"):
-        engine.submit("dup", prompt_ids(engine, PROMPTS[0]), greedy(4))
+        engine.submit(Submission("dup", prompt_ids(engine, PROMPTS[0]), greedy(4)))
     engine.cancel("dup")
     assert isinstance(collect(generation).final, Finished)
 
 
-def test_drain_returns_queued_events_without_blocking(engine: Engine) -> None:
-    generation = engine.submit("drain", prompt_ids(engine, PROMPTS[0]), greedy(8))
+def test_drain_returns_queued_events_without_blocking(engine: TransformersEngine) -> None:
+    generation = engine.submit(Submission("drain", prompt_ids(engine, PROMPTS[0]), greedy(8)))
     events: list[object] = []
     deadline = time.monotonic() + 30
     while not events or not isinstance(events[-1], Finished):
@@ -232,7 +245,7 @@ def test_drain_returns_queued_events_without_blocking(engine: Engine) -> None:
 
 
 def test_a_failing_forward_fails_its_requests_and_the_engine_goes_on(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_forward = engine._forward
     calls = {"n": 0}
@@ -244,14 +257,18 @@ def test_a_failing_forward_fails_its_requests_and_the_engine_goes_on(
         return real_forward(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(engine, "_forward", flaky)
-    prefill_fails = collect(engine.submit("f1", prompt_ids(engine, PROMPTS[0]), greedy(8)))
+    prefill_fails = collect(
+        engine.submit(Submission("f1", prompt_ids(engine, PROMPTS[0]), greedy(8)))
+    )
     assert isinstance(prefill_fails.final, Failed) and "boom" in prefill_fails.final.message
-    decode_fails = collect(engine.submit("f2", prompt_ids(engine, PROMPTS[0]), greedy(8)))
+    decode_fails = collect(
+        engine.submit(Submission("f2", prompt_ids(engine, PROMPTS[0]), greedy(8)))
+    )
     assert isinstance(decode_fails.final, Failed) and "boom" in decode_fails.final.message
     monkeypatch.setattr(engine, "_forward", real_forward)
-    assert collect(engine.submit("f3", prompt_ids(engine, PROMPTS[0]), greedy(8))).final == (
-        Finished("max_tokens", None, 8, False)
-    )
+    assert collect(
+        engine.submit(Submission("f3", prompt_ids(engine, PROMPTS[0]), greedy(8)))
+    ).final == (Finished("max_tokens", None, 8, False))
     assert engine.stats.active == 0
 
 
@@ -287,7 +304,7 @@ def test_batch_cache_pads_new_rows_and_trims_after_leaving() -> None:
     assert (len(kv), kv.width, kv.cache) == (0, 0, None)
 
 
-def _spy_batched_prefills(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def _spy_batched_prefills(engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Records the size of every batched prefill (the real one runs)."""
     sizes: list[int] = []
     real = engine._prefill_batch
@@ -301,7 +318,7 @@ def _spy_batched_prefills(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> li
 
 
 def test_newcomers_prefilled_together_match_greedy_alone(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prompts of different lengths, so the batched prefill pads some rows; one of them ends at
     # its first token (max_tokens 1) and must leave before the others join the batch.
@@ -316,10 +333,10 @@ def test_newcomers_prefilled_together_match_greedy_alone(
     sizes = _spy_batched_prefills(engine, monkeypatch)
     # A running request keeps the stepping thread busy; the rest arrive during one of its
     # steps, wait together, and are admitted together at the next.
-    first = engine.submit("pb-0", prompt_ids(engine, plans[0][0]), greedy(plans[0][1]))
+    first = engine.submit(Submission("pb-0", prompt_ids(engine, plans[0][0]), greedy(plans[0][1])))
     assert isinstance(first.get(timeout=30), TextChunk)
     rest = [
-        engine.submit(f"pb-{i}", prompt_ids(engine, p), greedy(n))
+        engine.submit(Submission(f"pb-{i}", prompt_ids(engine, p), greedy(n)))
         for i, (p, n) in enumerate(plans[1:], start=1)
     ]
     results = [collect(g) for g in rest]
@@ -331,7 +348,7 @@ def test_newcomers_prefilled_together_match_greedy_alone(
 
 
 def test_a_failing_batched_prefill_retries_each_alone(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     attempts: list[int] = []
 
@@ -341,10 +358,10 @@ def test_a_failing_batched_prefill_retries_each_alone(
 
     monkeypatch.setattr(engine, "_prefill_batch", broken)
     solo = [alone(engine, p, greedy(12), f"fb-solo-{i}") for i, p in enumerate(PROMPTS[:4])]
-    first = engine.submit("fb-first", prompt_ids(engine, PROMPTS[5]), greedy(40))
+    first = engine.submit(Submission("fb-first", prompt_ids(engine, PROMPTS[5]), greedy(40)))
     assert isinstance(first.get(timeout=30), TextChunk)
     rest = [
-        engine.submit(f"fb-{i}", prompt_ids(engine, p), greedy(12))
+        engine.submit(Submission(f"fb-{i}", prompt_ids(engine, p), greedy(12)))
         for i, p in enumerate(PROMPTS[:4])
     ]
     for one, many in zip(solo, [collect(g) for g in rest], strict=True):

@@ -17,8 +17,16 @@ import pytest
 
 from contract.rendering import PromptRenderer
 from tests.unit.test_engine import PROMPTS, greedy
-from workers.backends.seam import Failed, Finished, Generation, TextChunk
-from workers.backends.transformers.engine import Engine
+from workers.backends.seam import (
+    BackendOptions,
+    Failed,
+    Finished,
+    Generation,
+    Submission,
+    TextChunk,
+)
+from workers.backends.transformers.engine import TransformersEngine
+from workers.engine_ipc import Cancel, Events, Ready, Stop, Submit
 from workers.engine_process import EngineProcess, serve
 
 
@@ -64,17 +72,18 @@ def proc(default_model_dir: Path) -> Iterator[EngineProcess]:
 def test_concurrent_requests_match_the_in_process_engine(
     proc: EngineProcess, renderer: PromptRenderer, default_model_dir: Path
 ) -> None:
-    reference = Engine.load(default_model_dir, max_batch=8)
+    reference = TransformersEngine.load(default_model_dir, max_batch=8)
     try:
         expected = [
-            collect(reference.submit(f"ref{i}", ids_of(renderer, p), greedy()))
+            collect(reference.submit(Submission(f"ref{i}", ids_of(renderer, p), greedy())))
             for i, p in enumerate(PROMPTS)
         ]
     finally:
         reference.stop()
     before = proc.stats
     generations = [
-        proc.submit(f"p{i}", ids_of(renderer, p), greedy()) for i, p in enumerate(PROMPTS)
+        proc.submit(Submission(f"p{i}", ids_of(renderer, p), greedy()))
+        for i, p in enumerate(PROMPTS)
     ]
     assert [collect(g) for g in generations] == expected
     # The stats arrive with the events, so they already count every request that ended.
@@ -84,7 +93,7 @@ def test_concurrent_requests_match_the_in_process_engine(
 
 
 def test_cancel_frees_the_slot(proc: EngineProcess, renderer: PromptRenderer) -> None:
-    generation = proc.submit("long", ids_of(renderer, PROMPTS[0]), greedy(1000))
+    generation = proc.submit(Submission("long", ids_of(renderer, PROMPTS[0]), greedy(1000)))
     first = generation.get(timeout=30)
     assert isinstance(first, TextChunk)
     assert proc.cancel("long")
@@ -98,29 +107,34 @@ def test_cancel_frees_the_slot(proc: EngineProcess, renderer: PromptRenderer) ->
 def test_bad_prompts_and_duplicates_are_refused(
     proc: EngineProcess, renderer: PromptRenderer
 ) -> None:
-    assert collect(proc.submit("empty", [], greedy()))[1] == Failed("the prompt is empty")
-    _, final = collect(proc.submit("vocab", [10**9], greedy()))
+    assert collect(proc.submit(Submission("empty", [], greedy())))[1] == Failed(
+        "the prompt is empty"
+    )
+    _, final = collect(proc.submit(Submission("vocab", [10**9], greedy())))
     assert isinstance(final, Failed) and "outside the vocabulary" in final.message
-    generation = proc.submit("twice", ids_of(renderer, PROMPTS[0]), greedy(1000))
+    generation = proc.submit(Submission("twice", ids_of(renderer, PROMPTS[0]), greedy(1000)))
     with pytest.raises(ValueError):
-        proc.submit("twice", ids_of(renderer, "hi"), greedy())
+        proc.submit(Submission("twice", ids_of(renderer, "hi"), greedy()))
     proc.cancel("twice")
     collect(generation)
     # Once it has ended, the id may be used again.
-    assert isinstance(collect(proc.submit("twice", ids_of(renderer, "hi"), greedy(4)))[1], Finished)
+    assert isinstance(
+        collect(proc.submit(Submission("twice", ids_of(renderer, "hi"), greedy(4))))[1], Finished
+    )
 
 
 def test_stop_fails_what_is_running(default_model_dir: Path, renderer: PromptRenderer) -> None:
     engine = EngineProcess.load(default_model_dir, max_batch=2)
     generations = [
-        engine.submit(f"s{i}", ids_of(renderer, PROMPTS[0]), greedy(1500)) for i in range(3)
+        engine.submit(Submission(f"s{i}", ids_of(renderer, PROMPTS[0]), greedy(1500)))
+        for i in range(3)
     ]
     assert isinstance(generations[0].get(timeout=30), TextChunk)
     engine.stop()
     for generation in generations:
         assert collect(generation)[1] == Failed("the engine stopped")
     assert engine.pid is not None and not alive(engine.pid)
-    after = engine.submit("late", ids_of(renderer, "hi"), greedy())
+    after = engine.submit(Submission("late", ids_of(renderer, "hi"), greedy()))
     assert collect(after)[1] == Failed("the engine stopped")
 
 
@@ -135,21 +149,21 @@ def test_a_dead_child_fails_its_requests_and_tells_the_owner(
         told.set()
 
     engine = EngineProcess.load(default_model_dir, max_batch=4, on_exit=on_exit)
-    generation = engine.submit("victim", ids_of(renderer, PROMPTS[0]), greedy(1500))
+    generation = engine.submit(Submission("victim", ids_of(renderer, PROMPTS[0]), greedy(1500)))
     assert isinstance(generation.get(timeout=30), TextChunk)
     assert engine.pid is not None
     os.kill(engine.pid, signal.SIGKILL)
     _, final = collect(generation)
     assert isinstance(final, Failed) and "engine process exited" in final.message
     assert told.wait(10) and exits == [-signal.SIGKILL]
-    later = engine.submit("later", ids_of(renderer, "hi"), greedy())
+    later = engine.submit(Submission("later", ids_of(renderer, "hi"), greedy()))
     assert isinstance(collect(later)[1], Failed)
     engine.stop()
 
 
 def test_the_child_ignores_sigterm(proc: EngineProcess, renderer: PromptRenderer) -> None:
     """A terminal's Ctrl-C or a group SIGTERM goes to the worker; it decides when to stop."""
-    generation = proc.submit("term", ids_of(renderer, "hi"), greedy(40))
+    generation = proc.submit(Submission("term", ids_of(renderer, "hi"), greedy(40)))
     assert proc.pid is not None
     os.kill(proc.pid, signal.SIGTERM)
     os.kill(proc.pid, signal.SIGINT)
@@ -187,21 +201,25 @@ def test_the_child_answers_a_duplicate_submit_with_a_failure(
     Failed event (the worker side never sends one, but must not wait forever if it did)."""
     ours, theirs = socket.socketpair()
     worker, child = Connection(ours.detach()), Connection(theirs.detach())
-    thread = threading.Thread(target=serve, args=(child, default_model_dir, 2, None), daemon=True)
+    args = (child, "transformers", default_model_dir, BackendOptions(max_batch=2))
+    thread = threading.Thread(target=serve, args=args, daemon=True)
     thread.start()
     try:
-        assert worker.recv()[0] == "ready"
-        submit = ("submit", "dup", ids_of(renderer, PROMPTS[0]), greedy(1000).model_dump())
+        assert isinstance(worker.recv(), Ready)
+        submit = Submit(Submission("dup", ids_of(renderer, PROMPTS[0]), greedy(1000)))
         worker.send(submit)
         worker.send(submit)
         refusals: list[Failed] = []
         while not refusals:
             assert worker.poll(30)
-            _, shipped, _ = worker.recv()
-            refusals += [e for rid, events in shipped for e in events if isinstance(e, Failed)]
+            message = worker.recv()
+            assert isinstance(message, Events)
+            refusals += [
+                e for shipped in message.requests for e in shipped.events if isinstance(e, Failed)
+            ]
         assert refusals[0].message.startswith("refused")
-        worker.send(("cancel", "dup"))
+        worker.send(Cancel("dup"))
     finally:
-        worker.send(("stop",))
+        worker.send(Stop())
         thread.join(30)
     assert not thread.is_alive()

@@ -175,7 +175,7 @@ def test_engine_collector_reads_stats_at_scrape_time() -> None:
         finished=5,
         failed=1,
         kv_tokens=512,
-        kv_padded_tokens=600,
+        kv_allocated_tokens=600,
         kv_capacity_tokens=2048,
     )
     engine = SimpleNamespace(stats=stats)
@@ -207,7 +207,7 @@ def known_series() -> set[str]:
                     "finished",
                     "failed",
                     "kv_tokens",
-                    "kv_padded_tokens",
+                    "kv_allocated_tokens",
                     "kv_capacity_tokens",
                 ],
                 0,

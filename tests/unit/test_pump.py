@@ -1,12 +1,12 @@
 """The delta pump: one thread relaying every request's text, coalesced, in one pipeline per pass."""
 
 import threading
-import time
 from typing import Any
 
 import pytest
 import redis
 
+from tests.support import wait_for
 from workers.backends.seam import Finished, Generation, TextChunk
 from workers.pump import DeltaPump
 
@@ -56,18 +56,25 @@ def start(client: FakeRedis, interval_s: float, muted: set[str], errors: list[st
     return pump
 
 
+class Ended:
+    """Waits like a thread would for the terminal event the pump hands over."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.finals: list[Any] = []
+
+    def __call__(self, final: Any) -> None:
+        self.finals.append(final)
+        self.event.set()
+
+    def join(self, timeout: float = 5.0) -> None:
+        assert self.event.wait(timeout), "the pump did not end the stream"
+
+
 def watch(pump: DeltaPump, generation: Generation, publisher: FakePublisher) -> list[Any]:
-    result: list[Any] = []
-    thread = threading.Thread(target=lambda: result.append(pump.watch(generation, publisher)))
-    thread.start()
-    return [thread, result]
-
-
-def wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "the pump did not get there"
-        time.sleep(0.005)
+    ended = Ended()
+    pump.watch(generation, publisher, ended)
+    return [ended, ended.finals]
 
 
 def test_first_text_goes_at_once_then_coalesces_until_the_end() -> None:
@@ -77,7 +84,7 @@ def test_first_text_goes_at_once_then_coalesces_until_the_end() -> None:
     thread, result = watch(pump, generation, publisher)
     generation._put(TextChunk("Hel", 1))
     pump.notify()
-    wait_for(lambda: len(client.executed) == 1)
+    wait_for(lambda: len(client.executed) == 1, timeout=5.0, interval=0.005)
     for text, count in (("lo", 2), (" wor", 3), ("ld", 4)):
         generation._put(TextChunk(text, count))
         pump.notify()

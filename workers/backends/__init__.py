@@ -1,0 +1,23 @@
+"""Engine backends behind one seam (`workers.backends.seam.Backend`), chosen per model by the
+catalogue's `backend` field. Each is imported only when a model asks for it: torch loads in the
+engine's child process only, and only for a backend that needs it."""
+
+from pathlib import Path
+
+from contract.catalog import BackendName
+from workers.backends.seam import Backend, BackendOptions
+
+
+def create_backend(name: BackendName, model_path: Path, options: BackendOptions) -> Backend:
+    """Loads the model at `model_path` into a new, not yet started, backend."""
+    if name == "transformers":
+        from workers.backends.transformers.engine import TransformersEngine
+
+        return TransformersEngine(
+            model_path, max_batch=options.max_batch, num_threads=options.num_threads
+        )
+    if name == "echo":
+        from workers.backends.echo import EchoBackend
+
+        return EchoBackend(options)
+    raise ValueError(f"unknown backend {name!r}")

@@ -1,14 +1,21 @@
-"""What an engine hands back for each request: text chunks, then one terminal event.
+"""The engine seam: what a backend implements, and what it hands back for each request.
 
-Kept free of torch, so a worker process whose engine runs in a child process
-(`workers.engine_process`) does not load it.
+A backend serves one model with many requests in flight: `submit` a `Submission`, read the
+request's events (text chunks, then one terminal event) from the returned `Generation`, `cancel`
+it, read backend-neutral `stats`. The worker drives every backend the same way, in a child
+process of its own (`workers.engine_process`); which backend serves a model is the catalogue's
+`backend` field (`workers.backends.create_backend`).
+
+Kept free of torch, so the worker process, whose engines run in child processes, never loads it.
 """
 
 import contextlib
 import queue
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
+
+from contract.jobs import SamplingParams
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence"]
 
@@ -86,14 +93,57 @@ class Generation:
 
 @dataclass
 class EngineStats:
+    """What every backend reports about itself (the worker's heartbeat and metrics show it)."""
+
     active: int = 0  # sequences in the running batch
-    waiting: int = 0  # submitted, not yet prefilled
+    waiting: int = 0  # submitted, not yet running
     steps: int = 0  # batched decode steps run
     tokens_generated: int = 0  # all output tokens, eos included
     max_batch_seen: int = 0  # most sequences in one decode step
     cancelled: int = 0
     finished: int = 0  # ended normally (end_turn, max_tokens, stop_sequence)
     failed: int = 0
-    kv_tokens: int = 0  # real tokens held in the running batch's KV cache
-    kv_padded_tokens: int = 0  # rows x width of that cache, left padding included
-    kv_capacity_tokens: int = 0  # max_batch x max_context: the most it can hold
+    kv_tokens: int = 0  # tokens whose keys and values the running batch holds
+    # Token slots the cache holds for them: padding, or rounding up to blocks, included.
+    kv_allocated_tokens: int = 0
+    kv_capacity_tokens: int = 0  # the most token slots the cache may hold
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One request for a backend: the prompt's token ids and how to decode."""
+
+    request_id: str
+    input_ids: list[int]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How the worker sizes a backend (ABL_MAX_BATCH, ABL_TORCH_THREADS)."""
+
+    max_batch: int = 16  # sequences decoded together at most
+    num_threads: int | None = None  # CPU threads; None: the backend decides
+
+
+class Backend(Protocol):
+    """A model engine with continuous batching: many requests decode together."""
+
+    # Called (on the backend's own thread) whenever new events are out.
+    on_events: Callable[[], None] | None
+
+    def start(self) -> None:
+        """Starts stepping (the model is already loaded)."""
+
+    def stop(self) -> None:
+        """Stops stepping; requests still waiting or running end with `Failed`."""
+
+    def submit(self, submission: Submission) -> Generation:
+        """Queues a request; ValueError if its id is already in flight here."""
+
+    def cancel(self, request_id: str) -> bool:
+        """Drops the request at the next step; False if it is not in flight."""
+
+    @property
+    def stats(self) -> EngineStats:
+        """A snapshot of the backend's counters and cache use."""

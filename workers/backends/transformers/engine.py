@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from workers.backends.seam import (
     Finished,
     Generation,
     StopReason,
+    Submission,
     TextChunk,
 )
 from workers.backends.textstream import IncrementalDecoder, StopMatcher
@@ -76,7 +77,7 @@ class _Batch:
         self.seqs = [self.seqs[r] for r in rows]
 
 
-class Engine:
+class TransformersEngine:
     """One model, many concurrent requests, one stepping thread."""
 
     def __init__(
@@ -133,7 +134,7 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def load(cls, model_path: Path, **kw: Any) -> "Engine":
+    def load(cls, model_path: Path, **kw: Any) -> "TransformersEngine":
         """Loads the model and starts the stepping thread."""
         engine = cls(model_path, **kw)
         engine.start()
@@ -162,15 +163,14 @@ class Engine:
         self._batch = _Batch()
         self._publish_finals()
 
-    def submit(
-        self, request_id: str, input_ids: Sequence[int], sampling: SamplingParams
-    ) -> Generation:
+    def submit(self, submission: Submission) -> Generation:
         """Queues a request; its events arrive on the returned Generation."""
+        request_id, sampling = submission.request_id, submission.sampling
         generation = Generation(request_id)
         seq = _Sequence(
             generation=generation,
             output=generation.token_ids,
-            prompt=list(input_ids),
+            prompt=list(submission.input_ids),
             params=sampling,
             generator=make_generator(sampling, self.device),
             decoder=IncrementalDecoder(self.renderer.decode),
@@ -206,7 +206,7 @@ class Engine:
                     "active": len(self._batch.seqs),
                     "waiting": len(self._waiting),
                     "kv_tokens": sum(self._batch.kv.lengths),
-                    "kv_padded_tokens": len(self._batch.kv) * self._batch.kv.width,
+                    "kv_allocated_tokens": len(self._batch.kv) * self._batch.kv.width,
                     "kv_capacity_tokens": self.max_batch * self.max_context,
                 }
             )

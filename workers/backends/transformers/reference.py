@@ -18,13 +18,13 @@ from typing import Any
 import torch
 
 from contract.jobs import SamplingParams
-from workers.backends.seam import Failed, Finished, TextChunk
-from workers.backends.transformers.engine import Engine
+from workers.backends.seam import Failed, Finished, Submission, TextChunk
+from workers.backends.transformers.engine import TransformersEngine
 
 TOPICS = ["the weather", "a file system", "sorting lists", "HTTP servers", "unicode", "time zones"]
 
 
-def bench_prompts(engine: Engine, count: int) -> list[list[int]]:
+def bench_prompts(engine: TransformersEngine, count: int) -> list[list[int]]:
     """`count` different chat prompts of different lengths."""
     prompts = []
     for i in range(count):
@@ -43,7 +43,7 @@ def rss_mb() -> float:
 
 
 def sequential_generate(
-    engine: Engine, prompts: list[list[int]], max_tokens: int
+    engine: TransformersEngine, prompts: list[list[int]], max_tokens: int
 ) -> dict[str, Any]:
     """Plain `generate`, one request after another: the baseline."""
     model = engine.model
@@ -69,11 +69,11 @@ def sequential_generate(
 
 
 def _consume(
-    engine: Engine, rid: str, ids: list[int], max_tokens: int, out: dict[str, Any]
+    engine: TransformersEngine, rid: str, ids: list[int], max_tokens: int, out: dict[str, Any]
 ) -> None:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     submitted = time.perf_counter()
-    generation = engine.submit(rid, ids, params)
+    generation = engine.submit(Submission(rid, ids, params))
     stamps: list[float] = []
     for event in generation.events(timeout=120):
         stamps.append(time.perf_counter())
@@ -89,7 +89,7 @@ def _consume(
 
 
 def engine_run(
-    engine: Engine, prompts: list[list[int]], max_tokens: int, concurrency: int
+    engine: TransformersEngine, prompts: list[list[int]], max_tokens: int, concurrency: int
 ) -> dict[str, Any]:
     """All prompts through the engine, `concurrency` requests in flight at a time."""
     results: dict[str, Any] = {}
@@ -121,7 +121,7 @@ def engine_run(
 
 def run(model_path: Path, concurrency: int = 16, max_tokens: int = 64) -> dict[str, Any]:
     """Measures sequential generate, the engine at `concurrency`, and the engine at 1."""
-    engine = Engine.load(Path(model_path), max_batch=max(concurrency, 1))
+    engine = TransformersEngine.load(Path(model_path), max_batch=max(concurrency, 1))
     try:
         prompts = bench_prompts(engine, concurrency)
         engine_run(engine, prompts[:2], 8, concurrency)  # warm-up: first calls allocate

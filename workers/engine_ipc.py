@@ -1,0 +1,46 @@
+"""The messages between a worker and its engine's child process (pickled over one socket).
+
+worker -> child: `Submit`, `Cancel`, `Stop`. child -> worker: `Ready` once the model is loaded,
+then `Events` after every engine step that produced any: each request's new events, and the
+backend's stats as they are after that step.
+"""
+
+from dataclasses import dataclass
+
+from workers.backends.seam import EngineEvent, EngineStats, Submission
+
+
+@dataclass(frozen=True)
+class Submit:
+    submission: Submission
+
+
+@dataclass(frozen=True)
+class Cancel:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True)
+class Ready:
+    stats: EngineStats
+
+
+@dataclass(frozen=True)
+class RequestEvents:
+    request_id: str
+    events: list[EngineEvent]  # in order; a terminal event is the last one there will be
+
+
+@dataclass(frozen=True)
+class Events:
+    requests: list[RequestEvents]
+    stats: EngineStats
+
+
+ToEngine = Submit | Cancel | Stop
+FromEngine = Ready | Events
