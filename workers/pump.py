@@ -1,11 +1,12 @@
-"""Publishing the text of every running request from one thread, once per engine step.
+"""Publishing the answer of every running request from one thread, once per engine step.
 
 A task thread per request that wakes for each token and publishes it alone costs one GIL
 handoff and one Redis round trip per sequence per decode step; at 16 sequences that slowed the
 stepping thread by about a quarter (docs/benchmarks.md). Here the engine calls `notify()` after
-each step; one thread drains every watched generation, publishes the new text of all of them in
-one pipeline, and hands each request's terminal event to its `on_end` callback once its last
-text is out (the runtime settles it then, on a thread of its own: the pump never waits).
+each step; one thread drains every watched generation, shapes its new text into content-block
+operations (workers/shaping.py), publishes those of all requests in one pipeline, and hands each
+request's terminal event to its `on_end` callback once its last text is out (the runtime
+settles it then, on a thread of its own: the pump never waits).
 
 A request's first text goes out at once; after that its text is held until `min_interval_s`
 has passed since its previous delta (or it ends), so a delta carries a few tokens when steps
@@ -16,34 +17,36 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import redis
 
 from workers.backends.seam import EngineEvent, Failed, Finished, Generation, TextChunk
+from workers.shaping import BlockOp, Shaper, TextShaper, coalesced
 
 log = logging.getLogger("abl.worker")
 
 
-class DeltaPublisher(Protocol):
-    """The per-request publisher (`workers.runtime.Publisher`): numbers events, sends deltas."""
+class BlockPublisher(Protocol):
+    """The per-request publisher (`workers.runtime.Publisher`): numbers and sends events."""
 
     next_index: int
 
-    def delta(self, text: str, output_tokens: int, via: "redis.client.Pipeline | None") -> None: ...
+    def block_op(self, op: BlockOp, output_tokens: int, via: "redis.client.Pipeline") -> None: ...
 
 
 @dataclass
 class _Stream:
     request_id: str
     generation: Generation
-    publisher: DeltaPublisher
+    publisher: BlockPublisher
+    shaper: Shaper
     on_end: Callable[[Finished | Failed], None]
     final: Finished | Failed | None = None
-    held: str = ""  # text not yet published
+    held: list[BlockOp] = field(default_factory=list)  # operations not yet published
     tokens: int = 0  # output tokens after `held`
-    sent_at: float | None = None  # monotonic time of the last delta
+    sent_at: float | None = None  # monotonic time of the last publication
 
 
 def coalesce(events: list[EngineEvent]) -> tuple[str, int, Finished | Failed | None]:
@@ -93,12 +96,16 @@ class DeltaPump:
     def watch(
         self,
         generation: Generation,
-        publisher: DeltaPublisher,
+        publisher: BlockPublisher,
         on_end: Callable[[Finished | Failed], None],
+        shaper: Shaper | None = None,
     ) -> None:
-        """Relays `generation`'s text until it ends, then calls `on_end` with its terminal
-        event (on the pump's thread: it must return quickly)."""
-        stream = _Stream(generation.request_id, generation, publisher, on_end)
+        """Relays `generation`'s answer (shaped into blocks by `shaper`, one text block by
+        default) until it ends, then calls `on_end` with its terminal event (on the pump's
+        thread: it must return quickly)."""
+        stream = _Stream(
+            generation.request_id, generation, publisher, shaper or TextShaper(), on_end
+        )
         with self._lock:
             self._streams[stream.request_id] = stream
         # Events queued before the stream was watched must not wait for the next step.
@@ -119,23 +126,25 @@ class DeltaPump:
         with self._lock:
             streams = list(self._streams.values())
         pipe = self._client.pipeline(transaction=False)
-        sent: list[_Stream] = []
+        sent: list[tuple[_Stream, int]] = []  # streams published, and their index before
         ended: list[_Stream] = []
         try:
             now = time.monotonic()
             for stream in streams:
                 text, tokens, final = coalesce(stream.generation.drain())
                 if text:
-                    stream.held += text
+                    stream.held += stream.shaper.feed(text)
                     stream.tokens = tokens
                 if final is not None:
+                    stream.held += stream.shaper.finish()
                     stream.final = final
                     ended.append(stream)
                 if stream.held and (final is not None or self._due(stream, now)):
                     if not self._muted(stream.request_id):
-                        stream.publisher.delta(stream.held, stream.tokens, pipe)
-                        sent.append(stream)
-                    stream.held, stream.sent_at = "", now
+                        sent.append((stream, stream.publisher.next_index))
+                        for op in coalesced(stream.held):
+                            stream.publisher.block_op(op, stream.tokens, pipe)
+                    stream.held, stream.sent_at = [], now
             if sent:
                 self._execute(pipe, sent)
         finally:
@@ -153,12 +162,10 @@ class DeltaPump:
     def _due(self, stream: _Stream, now: float) -> bool:
         return stream.sent_at is None or now - stream.sent_at >= self._min_interval_s
 
-    def _execute(self, pipe: "redis.client.Pipeline", sent: list[_Stream]) -> None:
+    def _execute(self, pipe: "redis.client.Pipeline", sent: list[tuple[_Stream, int]]) -> None:
         try:
             pipe.execute()
         except redis.RedisError:
-            for stream in sent:
-                stream.publisher.next_index -= (
-                    1  # never delivered: the next event reuses its number
-                )
+            for stream, index in sent:
+                stream.publisher.next_index = index  # never delivered: the numbers are free
                 self._on_publish_error(stream.request_id)

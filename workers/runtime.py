@@ -26,7 +26,15 @@ import redis
 
 from contract.catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, load_catalog
 from contract.errors import API_ERROR, OVERLOADED, ErrorType
-from contract.events import DeltaEvent, DoneEvent, ErrorEvent, WorkerEvent
+from contract.events import (
+    BlockStartEvent,
+    BlockStopEvent,
+    ClaimedEvent,
+    DeltaEvent,
+    DoneEvent,
+    ErrorEvent,
+    WorkerEvent,
+)
 from contract.jobs import GenerateJob
 from contract.keys import CANCEL_CHANNEL, cancel_key, events_channel, heartbeat_key, lease_key
 from db.ledger import Outcome, Settlement, claim_request, settle_request
@@ -36,6 +44,7 @@ from workers.backends.seam import Backend, BackendOptions, Failed, Finished, Gen
 from workers.engine_process import EngineProcess
 from workers.pump import DeltaPump
 from workers.settings import WorkerSettings
+from workers.shaping import AddToBlock, BlockOp, OpenBlock
 from workers.sweeper import Sweeper
 from workers.telemetry import RequestTelemetry, serve_metrics
 
@@ -59,11 +68,29 @@ class Publisher:
         self._channel = events_channel(request_id)
         self.next_index = 0
 
-    def delta(
-        self, text: str, output_tokens: int, via: "redis.client.Pipeline | None" = None
-    ) -> None:
-        """Publishes now, or queues on `via` (a pipeline the caller executes)."""
-        event = DeltaEvent(index=self.next_index, text=text, output_tokens=output_tokens)
+    def claimed(self, worker: str, input_tokens: int, via: "redis.client.Pipeline") -> None:
+        self._send(
+            ClaimedEvent(index=self.next_index, worker=worker, input_tokens=input_tokens), via
+        )
+
+    def block_op(self, op: BlockOp, output_tokens: int, via: "redis.client.Pipeline") -> None:
+        """Queues one content-block operation on `via` (a pipeline the caller executes)."""
+        index = self.next_index
+        event: WorkerEvent
+        if isinstance(op, OpenBlock):
+            event = BlockStartEvent(
+                index=index,
+                block=op.block,
+                block_type=op.block_type,
+                tool_use_id=op.tool_use_id,
+                tool_name=op.tool_name,
+            )
+        elif isinstance(op, AddToBlock):
+            event = DeltaEvent(
+                index=index, block=op.block, kind=op.kind, text=op.text, output_tokens=output_tokens
+            )
+        else:
+            event = BlockStopEvent(index=index, block=op.block)
         self._send(event, via)
 
     def done(self, event_fields: dict[str, object]) -> None:
@@ -257,11 +284,12 @@ class WorkerRuntime:
             return
         self._active[job.request_id] = job.model
         self.telemetry.claimed(job.request_id)
+        publisher = Publisher(self.redis, job.request_id)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(lease_key(job.request_id), self.settings.worker_name, ex=self._lease_ttl)
             pipe.exists(cancel_key(job.request_id))
+            publisher.claimed(self.settings.worker_name, len(job.input_ids), pipe)
             cancelled = bool(pipe.execute()[1])
-        publisher = Publisher(self.redis, job.request_id)
         if cancelled:
             self._drop_early(job, early)
             self._end(job, publisher, delivery, Finished(None, None, 0, cancelled=True))

@@ -1,20 +1,26 @@
 """Pure conversions between wire models, the worker contract and the model catalogue."""
 
+import hashlib
+import json
 from collections.abc import Sequence
 from decimal import Decimal
+from typing import Any
 
 from api.anthropic import sse
 from api.anthropic.protocol import (
+    ContentBlock,
     MessageResponse,
     MessagesRequest,
     ModelInfo,
     ModelList,
     TextBlock,
+    ThinkingBlock,
+    ToolUseBlock,
     Usage,
 )
 from api.errors import InvalidRequestError
 from contract.catalog import ModelSpec
-from contract.events import DoneEvent
+from contract.events import BlockStartEvent, ContentEvent, DeltaEvent, DoneEvent
 from contract.jobs import SamplingParams
 
 DEFAULT_PAGE_LIMIT = 20
@@ -37,16 +43,66 @@ def sampling_params(request: MessagesRequest, max_tokens: int) -> SamplingParams
     )
 
 
-def message_response(*, message_id: str, model: str, text: str, done: DoneEvent) -> MessageResponse:
-    """The non-streaming Message: all text in one block, usage and metering from `done`."""
+class ContentAssembler:
+    """The content blocks of an answer, from its block events (for the non-streaming Message)."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, tuple[BlockStartEvent, list[str]]] = {}
+
+    def add(self, event: ContentEvent) -> None:
+        if isinstance(event, BlockStartEvent):
+            self._blocks[event.block] = (event, [])
+        elif isinstance(event, DeltaEvent):
+            self._blocks[event.block][1].append(event.text)
+
+    def blocks(self) -> list[ContentBlock]:
+        out: list[ContentBlock] = []
+        for start, parts in (self._blocks[b] for b in sorted(self._blocks)):
+            text = "".join(parts)
+            if start.block_type == "tool_use":
+                assert start.tool_use_id is not None and start.tool_name is not None
+                tool_input = json.loads(text) if text else {}
+                out.append(
+                    ToolUseBlock(id=start.tool_use_id, name=start.tool_name, input=tool_input)
+                )
+            elif start.block_type == "thinking":
+                out.append(ThinkingBlock(thinking=text, signature=thinking_signature(text)))
+            else:
+                out.append(TextBlock(text=text))
+        # Never empty, so `message.content[0].text` works for clients of an empty answer.
+        return out or [TextBlock(text="")]
+
+
+def block_opening(start: BlockStartEvent) -> dict[str, Any]:
+    """A block as `content_block_start` shows it: empty, its content comes in deltas."""
+    if start.block_type == "tool_use":
+        return {"type": "tool_use", "id": start.tool_use_id, "name": start.tool_name, "input": {}}
+    if start.block_type == "thinking":
+        return {"type": "thinking", "thinking": "", "signature": ""}
+    return {"type": "text", "text": ""}
+
+
+def thinking_signature(thinking: str) -> str:
+    """The `signature` of a thinking block: a digest of its text (nothing verifies it here)."""
+    return hashlib.sha256(thinking.encode()).hexdigest()
+
+
+def message_response(
+    *, message_id: str, model: str, content: list[ContentBlock], done: DoneEvent
+) -> MessageResponse:
+    """The non-streaming Message: its content blocks, usage and metering from `done`."""
     return MessageResponse(
         id=message_id,
         model=model,
-        # Always one block, even when empty, so `message.content[0].text` works for clients.
-        content=[TextBlock(text=text)],
+        content=content,
         stop_reason=done.stop_reason,
         stop_sequence=done.stop_sequence,
-        usage=Usage(input_tokens=done.input_tokens, output_tokens=done.output_tokens),
+        usage=Usage(
+            input_tokens=done.input_tokens,
+            output_tokens=done.output_tokens,
+            cache_read_input_tokens=done.cache_read_input_tokens,
+            cache_creation_input_tokens=done.cache_creation_input_tokens,
+        ),
         remaining_credits=done.remaining_credits,
         estimated_credits_used=done.credits_charged,
         estimated_cost_usd=estimated_cost_usd(done.cost_usd),
@@ -63,6 +119,8 @@ def message_delta_event(done: DoneEvent) -> bytes:
         remaining_credits=done.remaining_credits,
         estimated_credits_used=done.credits_charged,
         estimated_cost_usd=estimated_cost_usd(done.cost_usd),
+        cache_read_input_tokens=done.cache_read_input_tokens,
+        cache_creation_input_tokens=done.cache_creation_input_tokens,
     )
 
 

@@ -38,7 +38,7 @@ MAX_STOP_SEQUENCES = 32
 MAX_STOP_SEQUENCE_CHARS = 256
 BLOCK_SEPARATOR = "\n\n"  # joins text blocks of one turn, and merged consecutive turns
 
-StopReason = Literal["end_turn", "max_tokens", "stop_sequence"]
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 Role = Literal["user", "assistant"]
 
 
@@ -215,6 +215,22 @@ class TextBlock(_WireModel):
     text: str
 
 
+class ToolUseBlock(_WireModel):
+    type: Literal["tool_use"] = "tool_use"
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class ThinkingBlock(_WireModel):
+    type: Literal["thinking"] = "thinking"
+    thinking: str
+    signature: str
+
+
+ContentBlock = Annotated[TextBlock | ToolUseBlock | ThinkingBlock, Field(discriminator="type")]
+
+
 class Usage(_WireModel):
     input_tokens: int
     output_tokens: int
@@ -230,7 +246,7 @@ class MessageResponse(_WireModel):
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     model: str
-    content: list[TextBlock]
+    content: list[ContentBlock]
     stop_reason: StopReason | None
     stop_sequence: str | None = None
     usage: Usage

@@ -9,7 +9,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api.anthropic import sse
 from api.anthropic.admission import admit, current_limit_headers, resolve_model, tokenize_async
-from api.anthropic.convert import message_delta_event, message_response, model_info, models_page
+from api.anthropic.convert import (
+    ContentAssembler,
+    block_opening,
+    message_delta_event,
+    message_response,
+    model_info,
+    models_page,
+)
 from api.anthropic.protocol import CountTokensRequest, MessagesRequest, ModelInfo, TokenCount
 from api.anthropic.run import RequestRun
 from api.credentials import PrincipalDep
@@ -17,7 +24,13 @@ from api.deps import PlatformDep
 from api.errors import ApiError, request_id_of
 from api.metrics import RequestMeter
 from api.response_headers import ResponseHeaders, response_headers
-from contract.events import DeltaEvent
+from contract.events import (
+    BlockStartEvent,
+    BlockStopEvent,
+    ClaimedEvent,
+    DeltaEvent,
+    DoneEvent,
+)
 
 # nginx's code for a client that went away before the answer; nobody reads it.
 CLIENT_CLOSED_REQUEST = 499
@@ -56,10 +69,18 @@ async def create_message(
         raise
     run = RequestRun(platform, admitted, meter)
     await run.start()
+    try:
+        claimed = await run.claimed(request.is_disconnected)
+    except BaseException:
+        await run.close()
+        raise
+    if claimed is None:
+        await run.close()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     extra = await headers.resolve()
     if body.stream:
         return StreamingResponse(
-            _stream(run, body.model),
+            _stream(run, body.model, claimed),
             media_type="text/event-stream; charset=utf-8",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no", **extra},
         )
@@ -69,35 +90,53 @@ async def create_message(
 
 
 async def _complete(run: RequestRun, model: str, request: Request) -> Response:
-    text: list[str] = []
+    content = ContentAssembler()
     async with run:
         async for event in run.events(tick=1.0):
             if event is None:
                 if await request.is_disconnected():
                     return Response(status_code=CLIENT_CLOSED_REQUEST)
-            elif isinstance(event, DeltaEvent):
-                text.append(event.text)
-            else:
+            elif isinstance(event, DoneEvent):
                 message = message_response(
-                    message_id=run.admitted.message_id, model=model, text="".join(text), done=event
+                    message_id=run.admitted.message_id,
+                    model=model,
+                    content=content.blocks(),
+                    done=event,
                 )
                 return JSONResponse(message.model_dump(mode="json"))
+            else:
+                content.add(event)
     raise AssertionError("the events of a request end with its DoneEvent or an error")
 
 
-async def _stream(run: RequestRun, model: str) -> AsyncIterator[bytes]:
+async def _stream(run: RequestRun, model: str, claimed: ClaimedEvent) -> AsyncIterator[bytes]:
     async with run:
         try:
-            yield sse.message_start(run.admitted.message_id, model, run.admitted.input_tokens)
-            yield sse.content_block_start(0)
+            yield sse.message_start(
+                run.admitted.message_id,
+                model,
+                claimed.input_tokens
+                - claimed.cache_read_input_tokens
+                - claimed.cache_creation_input_tokens,
+                cache_read_input_tokens=claimed.cache_read_input_tokens,
+                cache_creation_input_tokens=claimed.cache_creation_input_tokens,
+            )
             yield sse.ping()
+            started = False
             async for event in run.events(tick=run.platform.settings.ping_interval_s):
                 if event is None:
                     yield sse.ping()
+                elif isinstance(event, BlockStartEvent):
+                    started = True
+                    yield sse.content_block_start(event.block, block_opening(event))
                 elif isinstance(event, DeltaEvent):
-                    yield sse.text_delta(0, event.text)
+                    yield sse.content_delta(event.block, event.kind, event.text)
+                elif isinstance(event, BlockStopEvent):
+                    yield sse.content_block_stop(event.block)
                 else:
-                    yield sse.content_block_stop(0)
+                    if not started:  # an empty answer still has its one (empty) text block
+                        yield sse.content_block_start(0)
+                        yield sse.content_block_stop(0)
                     yield message_delta_event(event)
                     yield sse.message_stop()
         except ApiError as exc:

@@ -18,7 +18,13 @@ def sse_event(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {payload}\n\n".encode()
 
 
-def message_start(message_id: str, model: str, input_tokens: int) -> bytes:
+def message_start(
+    message_id: str,
+    model: str,
+    input_tokens: int,
+    cache_read_input_tokens: int = 0,
+    cache_creation_input_tokens: int = 0,
+) -> bytes:
     return sse_event(
         "message_start",
         {
@@ -33,8 +39,8 @@ def message_start(message_id: str, model: str, input_tokens: int) -> bytes:
                 "usage": {
                     "input_tokens": input_tokens,
                     "output_tokens": 0,
-                    "cache_creation_input_tokens": 0,
-                    "cache_read_input_tokens": 0,
+                    "cache_creation_input_tokens": cache_creation_input_tokens,
+                    "cache_read_input_tokens": cache_read_input_tokens,
                     "service_tier": "standard",
                 },
             }
@@ -42,17 +48,29 @@ def message_start(message_id: str, model: str, input_tokens: int) -> bytes:
     )
 
 
-def content_block_start(index: int) -> bytes:
-    """Opens a text block (the only kind we generate)."""
+def content_block_start(index: int, block: dict[str, Any] | None = None) -> bytes:
+    """Opens a block: `block` as it starts (an empty text block by default)."""
+    content_block = block if block is not None else {"type": "text", "text": ""}
+    return sse_event("content_block_start", {"index": index, "content_block": content_block})
+
+
+# The delta type of each kind of content, and the field that carries it.
+_DELTAS = {
+    "text": ("text_delta", "text"),
+    "input_json": ("input_json_delta", "partial_json"),
+    "thinking": ("thinking_delta", "thinking"),
+}
+
+
+def content_delta(index: int, kind: str, text: str) -> bytes:
+    delta_type, field = _DELTAS[kind]
     return sse_event(
-        "content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}}
+        "content_block_delta", {"index": index, "delta": {"type": delta_type, field: text}}
     )
 
 
 def text_delta(index: int, text: str) -> bytes:
-    return sse_event(
-        "content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": text}}
-    )
+    return content_delta(index, "text", text)
 
 
 def content_block_stop(index: int) -> bytes:
@@ -67,13 +85,21 @@ def message_delta(
     remaining_credits: int,
     estimated_credits_used: int,
     estimated_cost_usd: float,
+    cache_read_input_tokens: int = 0,
+    cache_creation_input_tokens: int = 0,
 ) -> bytes:
     """Stop reason, cumulative usage and the seed's metering fields (top level, beside `delta`)."""
+    usage = {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cache_read_input_tokens": cache_read_input_tokens,
+        "cache_creation_input_tokens": cache_creation_input_tokens,
+    }
     return sse_event(
         "message_delta",
         {
             "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+            "usage": usage,
             "remaining_credits": remaining_credits,
             "estimated_credits_used": estimated_credits_used,
             "estimated_cost_usd": estimated_cost_usd,

@@ -13,7 +13,7 @@ import redis
 from sqlalchemy import select
 
 from api.ids import new_message_id, new_request_id
-from contract.events import DoneEvent, WorkerEvent, parse_event
+from contract.events import ClaimedEvent, DoneEvent, WorkerEvent, parse_event
 from contract.jobs import GenerateJob, SamplingParams
 from contract.keys import cancel_key, events_channel
 from db.ledger import NewRequest, open_request
@@ -122,7 +122,7 @@ class Listener:
             return  # the stack stopped
 
     def ended(self) -> bool:
-        return all(e and e[-1].type != "delta" for e in self.events.values())
+        return all(e and e[-1].type in ("done", "error") for e in self.events.values())
 
     def text(self, request_id: str) -> str:
         return "".join(e.text for e in self.events[request_id] if e.type == "delta")
@@ -143,11 +143,16 @@ def test_hundreds_of_requests_in_flight_on_a_few_threads(
     # The request threads, the listener and the pump: nothing grows with the requests.
     assert threading.active_count() <= threads_before + runtime.settings.request_threads
     wait_for(listener.ended, timeout=60, what="every request to end")
+    # Each message is acknowledged once its request is settled and its end published.
+    wait_for(lambda: len(broker.acks) == len(jobs), timeout=10, what="every acknowledgement")
     assert broker.acks == {j.request_id: 1 for j in jobs}
     for job in jobs:
         done = listener.events[job.request_id][-1]
         assert isinstance(done, DoneEvent) and done.status == "succeeded"
         assert done.stop_reason == "end_turn" and done.output_tokens == 100
+        kinds = [e.type for e in listener.events[job.request_id]]
+        assert kinds[:2] == ["claimed", "block_start"] and kinds[-2:] == ["block_stop", "done"]
+        assert set(kinds[2:-2]) == {"delta"}
         assert [e.index for e in listener.events[job.request_id]] == list(
             range(len(listener.events[job.request_id]))
         )
@@ -194,10 +199,11 @@ def test_a_request_cancelled_before_its_claim_is_settled_without_running(
     broker = Broker()
     runtime.dispatch(job, broker.delivery(job.request_id))
     wait_for(listener.ended, timeout=30)
-    (done,) = listener.events[job.request_id]
+    claimed, done = listener.events[job.request_id]
+    assert isinstance(claimed, ClaimedEvent) and claimed.worker == "runtime-test"
     assert isinstance(done, DoneEvent) and done.status == "cancelled"
     assert done.output_tokens == 0
-    assert broker.acks == {job.request_id: 1}
+    wait_for(lambda: broker.acks == {job.request_id: 1}, timeout=10, what="the acknowledgement")
 
 
 def test_a_draining_worker_puts_new_jobs_back_and_waits_for_its_running_ones(

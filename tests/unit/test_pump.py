@@ -9,6 +9,7 @@ import redis
 from tests.support import wait_for
 from workers.backends.seam import Finished, Generation, TextChunk
 from workers.pump import DeltaPump
+from workers.shaping import AddToBlock, OpenBlock
 
 
 class FakePipeline:
@@ -40,8 +41,13 @@ class FakePublisher:
         self.channel = channel
         self.next_index = 0
 
-    def delta(self, text: str, output_tokens: int, via: Any) -> None:
-        via.publish(self.channel, f"{self.next_index}:{text}:{output_tokens}")
+    def block_op(self, op: Any, output_tokens: int, via: Any) -> None:
+        """Deltas as `index:text:tokens`, block openings and closings as `index:<`/`index:>`."""
+        if isinstance(op, AddToBlock):
+            via.publish(self.channel, f"{self.next_index}:{op.text}:{output_tokens}")
+        else:
+            mark = "<" if isinstance(op, OpenBlock) else ">"
+            via.publish(self.channel, f"{self.next_index}:{mark}")
         self.next_index += 1
 
 
@@ -96,7 +102,7 @@ def test_first_text_goes_at_once_then_coalesces_until_the_end() -> None:
     assert result == [final]
     sent = [message for batch in client.executed for _, message in batch]
     # The rest was held (the interval had not passed) and went out with the end, as one delta.
-    assert sent == ["0:Hel:1", "1:lo world:4"]
+    assert sent == ["0:<", "1:Hel:1", "2:lo world:4", "3:>"]
     assert errors == []
 
 

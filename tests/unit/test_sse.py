@@ -61,9 +61,19 @@ def test_message_delta_bytes() -> None:
     assert sse.message_delta("end_turn", None, 128, 42, 487, 1, 0.00085) == (
         b"event: message_delta\n"
         b'data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
-        b'"usage":{"input_tokens":42,"output_tokens":128},"remaining_credits":487,'
+        b'"usage":{"input_tokens":42,"output_tokens":128,"cache_read_input_tokens":0,'
+        b'"cache_creation_input_tokens":0},"remaining_credits":487,'
         b'"estimated_credits_used":1,"estimated_cost_usd":0.00085}\n\n'
     )
+
+
+def test_tool_use_and_thinking_deltas() -> None:
+    assert sse.content_delta(1, "input_json", '{"a":') == (
+        b"event: content_block_delta\n"
+        b'data: {"type":"content_block_delta","index":1,'
+        b'"delta":{"type":"input_json_delta","partial_json":"{\\"a\\":"}}\n\n'
+    )
+    assert b'"thinking_delta","thinking":"hm"' in sse.content_delta(0, "thinking", "hm")
 
 
 DONE = DoneEvent(
@@ -85,7 +95,12 @@ def test_message_delta_from_done_event() -> None:
     assert data == {
         "type": "message_delta",
         "delta": {"stop_reason": "stop_sequence", "stop_sequence": "END"},
-        "usage": {"input_tokens": 42, "output_tokens": 128},
+        "usage": {
+            "input_tokens": 42,
+            "output_tokens": 128,
+            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": 0,
+        },
         "remaining_credits": 487,
         "estimated_credits_used": 1,
         "estimated_cost_usd": 0.00085,

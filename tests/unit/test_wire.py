@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from api.anthropic.convert import (
+    ContentAssembler,
     estimated_cost_usd,
     message_response,
     model_info,
@@ -21,12 +22,20 @@ from api.anthropic.protocol import (
     MessageResponse,
     MessagesRequest,
     ModelList,
+    TextBlock,
     TokenCount,
+    ToolUseBlock,
 )
 from api.errors import InvalidRequestError, format_validation_errors
 from api.ids import base62, new_account_id, new_key_id, new_message_id, new_request_id
 from contract.catalog import DEFAULT_MODEL, ModelSpec
-from contract.events import DoneEvent
+from contract.events import (
+    BlockStartEvent,
+    BlockStopEvent,
+    ContentEvent,
+    DeltaEvent,
+    DoneEvent,
+)
 
 USER_HI = [{"role": "user", "content": "hi"}]
 
@@ -364,7 +373,7 @@ def test_message_response_from_done_event_matches_the_seed() -> None:
     response = message_response(
         message_id="msg_abc123",
         model="abliterated-model",
-        text="Abliteration removes refusal vectors from language models...",
+        content=[TextBlock(text="Abliteration removes refusal vectors from language models...")],
         done=done_event(),
     )
     dumped = json.loads(response.model_dump_json())
@@ -380,11 +389,33 @@ def test_message_response_stop_sequence_and_empty_text() -> None:
     response = message_response(
         message_id="msg_x",
         model="m",
-        text="",
+        content=ContentAssembler().blocks(),
         done=done_event(stop_reason="stop_sequence", stop_sequence="END", output_tokens=1),
     )
-    assert response.content[0].text == ""
+    assert response.content == [TextBlock(text="")]
     assert (response.stop_reason, response.stop_sequence) == ("stop_sequence", "END")
+
+
+def test_content_is_assembled_from_block_events_in_block_order() -> None:
+    content = ContentAssembler()
+    events: list[ContentEvent] = [
+        BlockStartEvent(index=1, block=0, block_type="text"),
+        DeltaEvent(index=2, block=0, text="Let me ", output_tokens=2),
+        DeltaEvent(index=3, block=0, text="look.", output_tokens=3),
+        BlockStopEvent(index=4, block=0),
+        BlockStartEvent(
+            index=5, block=1, block_type="tool_use", tool_use_id="toolu_1", tool_name="get"
+        ),
+        DeltaEvent(index=6, block=1, kind="input_json", text='{"city": ', output_tokens=5),
+        DeltaEvent(index=7, block=1, kind="input_json", text='"Paris"}', output_tokens=7),
+        BlockStopEvent(index=8, block=1),
+    ]
+    for event in events:
+        content.add(event)
+    assert content.blocks() == [
+        TextBlock(text="Let me look."),
+        ToolUseBlock(id="toolu_1", name="get", input={"city": "Paris"}),
+    ]
 
 
 def test_estimated_cost_usd() -> None:
