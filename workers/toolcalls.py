@@ -227,6 +227,8 @@ class ToolCallParser:
             if call.scanner.failed or not all(self._on_scan(e) for e in events):
                 if call.id is None:
                     return self._fall_back() + text[i + 1 :]
+                call.raw = call.raw[:-1]  # everything before this character was valid
+                self._stream_args()
                 self._end_call(complete=False)
                 return text[i + 1 :]
             if call.scanner.done:

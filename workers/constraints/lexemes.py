@@ -262,8 +262,8 @@ def leaf_lexeme(node: dict[str, Any], kind: str, max_bytes: int) -> Lexeme | Non
     least = int(node.get("minLength", 0))
     longest = int(node.get("maxLength", UNBOUNDED))
     shaped = format_lexeme(node.get("format"), least, longest)
-    if shaped is not None and shaped.max_bytes <= max_bytes:
-        return shaped
+    if shaped is not None:  # an enforced format is never dropped for a plain string
+        return shaped if shaped.max_bytes <= max_bytes else None
     return string_lexeme(least, min(longest, (max_bytes - 2) // MAX_CHAR_BYTES))
 
 
@@ -276,9 +276,8 @@ def leaf_min_bytes(node: dict[str, Any], kind: str) -> int:
         longest = int(node.get("maxLength", UNBOUNDED))
         if least > longest:
             return UNBOUNDED
-        plain = 2 + MAX_CHAR_BYTES * least
         shaped = format_lexeme(node.get("format"), least, longest)
-        return plain if shaped is None else min(plain, shaped.max_bytes)
+        return 2 + MAX_CHAR_BYTES * least if shaped is None else shaped.max_bytes
     needed = numeric_min_bytes(bounds_of(node), kind == "integer")
     return UNBOUNDED if needed is None else needed
 
