@@ -236,7 +236,9 @@ def _keyword_problems(
     if "allOf" in node and len(node["allOf"]) != 1:
         yield SchemaProblem("allOf", path, "'allOf' with more than one schema cannot be enforced")
     if "$ref" in node and resolve_ref(root, node["$ref"]) is None:
-        yield SchemaProblem("$ref", path, f"'$ref' {node['$ref']!r} is not a local reference")
+        yield SchemaProblem(
+            "$ref", path, f"'$ref' {node['$ref']!r} does not resolve to a place in this schema"
+        )
     if "oneOf" in node and not _pairwise_disjoint(node["oneOf"], root):
         yield SchemaProblem(
             "oneOf", path, "'oneOf' branches that may overlap cannot be enforced; use 'anyOf'"

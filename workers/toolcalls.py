@@ -150,6 +150,10 @@ class ToolCallParser:
 
     def feed(self, text: str) -> list[ToolEvent]:
         """Reads more generated text; returns the events it completes."""
+        self._consume(text)
+        return self._take()
+
+    def _consume(self, text: str) -> None:
         while text:
             if self._mode == "text":
                 text = self._read_text(text)
@@ -157,7 +161,6 @@ class ToolCallParser:
                 text = self._read_call(text)
             else:
                 text = self._read_close(text)
-        return self._take()
 
     def finish(self) -> list[ToolEvent]:
         """The generation ended: flushes held text, ends an unterminated call."""
@@ -165,7 +168,7 @@ class ToolCallParser:
             if self._call.id is not None:
                 self._end_call(complete=False)
             else:
-                self.feed(self._fall_back())
+                self._consume(self._fall_back())
         if self._mode == "text" and self._held:
             held, self._held = self._held, ""
             self._text(held)
