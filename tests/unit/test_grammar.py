@@ -16,6 +16,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from contract.rendering import PromptRenderer
+from contract.toolcalls import ToolCallEnd, ToolCallParser
 from tests.unit.grammar_schemas import OUTPUTS, TOOLS
 from workers.constraints.grammars import (
     GrammarSpec,
@@ -24,8 +26,6 @@ from workers.constraints.grammars import (
 )
 from workers.constraints.matcher import BatchMasks, GrammarCache, Matcher, TokenizerInfo
 from workers.constraints.schema_grammar import BudgetTooSmall
-from workers.prompting import PromptRenderer
-from workers.toolcalls import ToolCallEnd, ToolCallParser
 
 MAX_TOKENS = 200
 BATCH = 25

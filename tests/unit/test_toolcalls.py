@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from workers.toolcalls import (
+from contract.toolcalls import (
     TOOL_CALL_OPEN,
     TextPiece,
     ToolCallArgsDelta,

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from contract.rendering import PromptRenderer
 from workers.constraints.grammars import tool_call_grammar
 from workers.constraints.matcher import BatchMasks, GrammarCache, TokenizerInfo
-from workers.prompting import PromptRenderer
 
 TOOL = {
     "type": "object",
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model_dir is None:
-        from workers.model_build import build_default_model
+        from workers.models.tiny import build_default_model
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = build_default_model(Path(tmp) / "model")

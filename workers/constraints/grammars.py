@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from contract.toolcalls import CALL_SUFFIX, call_prefix
 from workers.constraints.schema_grammar import (
     BudgetTooSmall,
     GrammarError,
@@ -18,7 +19,6 @@ from workers.constraints.schema_grammar import (
     lark_string,
     quantize,
 )
-from workers.toolcalls import CALL_SUFFIX, call_prefix
 
 
 @dataclass(frozen=True)
