@@ -48,6 +48,7 @@ class EngineProcess:
         max_batch: int = 16,
         num_threads: int | None = None,
         build_default: bool = False,
+        kv_budget_bytes: int | None = None,
         ready_timeout_s: float = 900.0,
         on_exit: Callable[[int | None], None] | None = None,
     ) -> None:
@@ -55,6 +56,7 @@ class EngineProcess:
         self.max_batch = max_batch
         self.num_threads = num_threads
         self.build_default = build_default  # build the default model first if it is missing
+        self.kv_budget_bytes = kv_budget_bytes  # None: the engine's default
         self.ready_timeout_s = ready_timeout_s
         # Called on the stepping thread's behalf when new events are out (DeltaPump.notify).
         self.on_events: Callable[[], None] | None = None
@@ -98,6 +100,8 @@ class EngineProcess:
             argv += ["--threads", str(self.num_threads)]
         if self.build_default:
             argv.append("--build-default")
+        if self.kv_budget_bytes is not None:
+            argv += ["--kv-budget-bytes", str(self.kv_budget_bytes)]
         self._proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),))
         theirs.close()  # the child holds the only copy: its death reads as EOF here
         self._conn = Connection(ours.detach())
@@ -223,11 +227,18 @@ class EngineProcess:
 # The child.
 
 
-def serve(conn: Connection, model_path: Path, max_batch: int, num_threads: int | None) -> None:
+def serve(
+    conn: Connection,
+    model_path: Path,
+    max_batch: int,
+    num_threads: int | None,
+    kv_budget_bytes: int | None = None,
+) -> None:
     """Runs an Engine for the worker at the other end of `conn` until told to stop or it dies."""
     from workers.engine import Engine  # torch: loaded in the child only
 
-    engine = Engine(model_path, max_batch=max_batch, num_threads=num_threads)
+    budget = {} if kv_budget_bytes is None else {"kv_budget_bytes": kv_budget_bytes}
+    engine = Engine(model_path, max_batch=max_batch, num_threads=num_threads, **budget)
     live: dict[str, Generation] = {}
     ship_lock = threading.Lock()  # the stepping thread ships; the command loop submits
 
@@ -284,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--build-default", action="store_true")
+    parser.add_argument("--kv-budget-bytes", type=int, default=None)
     args = parser.parse_args(argv)
     # The worker stops this process when its own shutdown grace is over.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -294,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         from workers.model_build import build_default_model
 
         build_default_model(args.model_path)
-    serve(conn, args.model_path, args.max_batch, args.threads)
+    serve(conn, args.model_path, args.max_batch, args.threads, args.kv_budget_bytes)
     return 0
 
 

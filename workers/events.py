@@ -96,4 +96,7 @@ class EngineStats:
     failed: int = 0
     kv_tokens: int = 0  # real tokens held in the running batch's KV cache
     kv_padded_tokens: int = 0  # rows x width of that cache, left padding included
-    kv_capacity_tokens: int = 0  # max_batch x max_context: the most it can hold
+    kv_capacity_tokens: int = 0  # the most it can hold: the KV budget, or max_batch x context
+    kv_reserved_tokens: int = 0  # rows x the longest prompt + max_tokens among them
+    kv_budget_tokens: int = 0  # the engine's KV budget, in tokens
+    kv_bytes_per_token: int = 0  # keys and values of one token, all layers
