@@ -30,7 +30,7 @@ from workers.events import (
     StopReason,
     TextChunk,
 )
-from workers.kv_batch import KV, BatchCache, layers_of
+from workers.kv_batch import KV, BatchCache, kv_bytes_per_token, layers_of
 from workers.prompting import PromptRenderer
 from workers.protocol import SamplingParams
 from workers.sampling import make_generator, sample_next
@@ -474,14 +474,6 @@ class Engine:
     def _notify(self) -> None:
         if self.on_events is not None:
             self.on_events()
-
-
-def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
-    """Bytes of keys and values one token takes in the cache, over all layers."""
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * dtype.itemsize
 
 
 def _reserved(seqs: list[_Sequence]) -> int:
