@@ -15,12 +15,14 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     SpinnerColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
     TransferSpeedColumn,
 )
 from rich.progress import Progress as RichBars
+from rich.text import Text
 
 log = logging.getLogger("abl.models")
 
@@ -100,6 +102,18 @@ class Progress:
         self.end()
 
 
+class _SizedOnly(DownloadColumn):
+    """Bytes done of total, left blank for a step that has no size."""
+
+    def render(self, task: Task) -> Text:
+        return Text("") if task.fields.get("sizeless") else super().render(task)
+
+
+class _SpeedOfSized(TransferSpeedColumn):
+    def render(self, task: Task) -> Text:
+        return Text("") if task.fields.get("sizeless") else super().render(task)
+
+
 class RichProgress(Progress):
     """Draws each step as a bar (bytes, speed) or a spinner with elapsed time, on `console`."""
 
@@ -109,8 +123,8 @@ class RichProgress(Progress):
             SpinnerColumn(),
             TextColumn("{task.description}"),
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            _SizedOnly(),
+            _SpeedOfSized(),
             TimeElapsedColumn(),
             console=console or Console(stderr=True),
             transient=False,
@@ -120,8 +134,8 @@ class RichProgress(Progress):
     def begin(self, step: str, total: int | None = None) -> None:
         self.end()
         self._bars.start()
-        self._step, self._started = step, time.monotonic()
-        self._task = self._bars.add_task(step, total=total)
+        self._step, self._total, self._started = step, total, time.monotonic()
+        self._task = self._bars.add_task(step, total=total, sizeless=total is None)
 
     def update(self, done: int) -> None:
         if self._task is not None:
@@ -133,9 +147,9 @@ class RichProgress(Progress):
     def end(self) -> None:
         if self._task is None:
             return
-        task = self._bars.tasks[self._task]
         # A step without a size ends as a full bar, like one that had a size.
-        self._bars.update(self._task, total=task.total or 1, completed=task.total or 1)
+        done = self._total or 1
+        self._bars.update(self._task, total=done, completed=done)
         self._bars.stop()  # leaves the finished bar printed
         # Drawn once: the next step's live display must not draw it again.
         self._bars.remove_task(self._task)

@@ -2,6 +2,7 @@
 loaded back; wheels in the downloads folder; hashes, manifests, the cache, an unreachable index.
 """
 
+import io
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -30,7 +32,7 @@ from workers.gguf_convert import (
     read_manifest,
 )
 from workers.model_fetch import ModelFetchError, WheelSource, ensure_wheel_model, obtain_gguf
-from workers.progress import Progress
+from workers.progress import Progress, RichProgress
 from workers.prompting import PromptRenderer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -360,3 +362,16 @@ def test_progress_logs_each_step(
     assert any(line.startswith("checking tiny.gguf") for line in lines), lines
     assert any(line.startswith("converting tiny.gguf") for line in lines), lines
     assert any("done in" in line for line in lines), lines
+
+
+def test_rich_progress_draws_one_finished_bar_per_step() -> None:
+    out = io.StringIO()
+    progress = RichProgress(Console(file=out, width=120, force_terminal=False))
+    progress.begin("downloading tiny-pkg==1.0", 2_000_000)
+    progress.update(2_000_000)
+    progress.begin("converting tiny.gguf")  # ends the download first
+    progress.end()
+    progress.end()  # nothing running: no-op
+    text = out.getvalue()
+    assert "2.0/2.0 MB" in text
+    assert text.count("downloading tiny-pkg==1.0") >= 1 and "converting tiny.gguf" in text
