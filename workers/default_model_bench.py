@@ -39,10 +39,9 @@ SAMPLING = [(0.0, None), (0.3, 0.9), (0.7, 0.9), (1.0, None)]
 
 def fetch_default(cache_dir: Path | None) -> tuple[Path, float]:
     """The converted default model (into the cache unless given one) and the seconds it took."""
-    from workers.model_fetch import FetchSettings
+    from workers.model_fetch import MACHINE_CACHE_DIR, FetchSettings
 
-    settings = FetchSettings()
-    cache = cache_dir or settings.model_cache_dir or Path.home() / ".cache" / "abl" / "models"
+    cache = cache_dir or FetchSettings().model_cache_dir or MACHINE_CACHE_DIR
     data_dir = Path(tempfile.mkdtemp(prefix="abl-bench-"))  # its downloads folder too
     started = time.perf_counter()
     # A child process, as a first start runs it: its imports count, its memory goes away.

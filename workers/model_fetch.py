@@ -34,6 +34,9 @@ from workers.progress import Progress, RichProgress
 DOWNLOADS_DIR = "downloads"
 # The model id a machine without the wheel can still serve (the test model, built offline).
 OFFLINE_MODEL_ID = "abl-tiny"
+# Where the test suite and the benchmarks keep converted models when ABL_MODEL_CACHE_DIR is
+# unset: one conversion per machine, not one per run.
+MACHINE_CACHE_DIR = Path.home() / ".cache" / "abl" / "models"
 
 
 class ModelFetchError(RuntimeError):

