@@ -85,10 +85,16 @@ class EngineProcess:
 
     @classmethod
     def load(
-        cls, model_path: Path, *, max_batch: int = 16, num_threads: int | None = None, **kw: object
+        cls,
+        model_path: Path,
+        *,
+        max_batch: int = 16,
+        num_threads: int | None = None,
+        kv_budget_bytes: int | None = None,
+        **kw: object,
     ) -> "EngineProcess":
         """Starts the child and waits until its model is loaded."""
-        options = BackendOptions(max_batch=max_batch, num_threads=num_threads)
+        options = BackendOptions(max_batch, num_threads, kv_budget_bytes)
         engine = cls(model_path, options=options, **kw)  # type: ignore[arg-type]
         engine.start()
         return engine
@@ -108,6 +114,8 @@ class EngineProcess:
         ]
         if self.options.num_threads is not None:
             argv += ["--threads", str(self.options.num_threads)]
+        if self.options.kv_budget_bytes is not None:
+            argv += ["--kv-budget-bytes", str(self.options.kv_budget_bytes)]
         if self.build_default:
             argv.append("--build-default")
         self._proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),))
@@ -293,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--build-default", action="store_true")
+    parser.add_argument("--kv-budget-bytes", type=int, default=None)
     args = parser.parse_args(argv)
     # The worker stops this process when its own shutdown grace is over.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -303,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         from workers.models.tiny import build_default_model
 
         build_default_model(args.model_path)
-    options = BackendOptions(max_batch=args.max_batch, num_threads=args.threads)
+    options = BackendOptions(
+        max_batch=args.max_batch, num_threads=args.threads, kv_budget_bytes=args.kv_budget_bytes
+    )
     serve(conn, args.backend, args.model_path, options)
     return 0
 

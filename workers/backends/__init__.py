@@ -13,8 +13,11 @@ def create_backend(name: BackendName, model_path: Path, options: BackendOptions)
     if name == "transformers":
         from workers.backends.transformers.engine import TransformersEngine
 
+        budget = (
+            {} if options.kv_budget_bytes is None else {"kv_budget_bytes": options.kv_budget_bytes}
+        )
         return TransformersEngine(
-            model_path, max_batch=options.max_batch, num_threads=options.num_threads
+            model_path, max_batch=options.max_batch, num_threads=options.num_threads, **budget
         )
     if name == "echo":
         from workers.backends.echo import EchoBackend

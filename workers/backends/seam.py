@@ -107,6 +107,9 @@ class EngineStats:
     # Token slots the cache holds for them: padding, or rounding up to blocks, included.
     kv_allocated_tokens: int = 0
     kv_capacity_tokens: int = 0  # the most token slots the cache may hold
+    kv_reserved_tokens: int = 0  # slots the running sequences may grow into (admission counts it)
+    kv_budget_tokens: int = 0  # the backend's KV budget, in tokens
+    kv_bytes_per_token: int = 0  # keys and values of one token, all layers
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ class BackendOptions:
 
     max_batch: int = 16  # sequences decoded together at most
     num_threads: int | None = None  # CPU threads; None: the backend decides
+    kv_budget_bytes: int | None = None  # memory for keys and values; None: the backend's default
 
 
 class Backend(Protocol):

@@ -34,7 +34,7 @@ from workers.backends.seam import (
     TextChunk,
 )
 from workers.backends.textstream import IncrementalDecoder, StopMatcher
-from workers.backends.transformers.kv_batch import KV, BatchCache, layers_of
+from workers.backends.transformers.kv_batch import KV, BatchCache, kv_bytes_per_token, layers_of
 from workers.backends.transformers.sampling import make_generator, sample_next
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 # Prompt tokens prefilled per step before the running batch gets its next decode step, so a
 # burst of long prompts cannot stall everyone else's tokens for long.
 PREFILL_TOKENS_PER_STEP = 4096
+# Most bytes the running batch's KV cache may reserve: fits a 2-core, 8 GB laptop beside the
+# default model (~1.1 GB resident), the API, Postgres and Redis.
+DEFAULT_KV_BUDGET_BYTES = 1536 * 1024 * 1024
 
 
 @dataclass
@@ -53,6 +56,8 @@ class _Sequence:
     decoder: IncrementalDecoder
     stopper: StopMatcher
     output: list[int]  # the Generation's token_ids list, shared
+    # KV positions it may come to hold: prompt + max_tokens, within the context window.
+    reserve: int
 
 
 class _Batch:
@@ -88,6 +93,7 @@ class TransformersEngine:
         device: str | None = None,
         max_context: int | None = None,
         num_threads: int | None = None,
+        kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
     ) -> None:
         self.model_path = Path(model_path)
         self.max_batch = max_batch
@@ -115,6 +121,8 @@ class TransformersEngine:
         # Fills the left padding of a batched prefill; masked out, so any id in range works.
         pad = getattr(config, "pad_token_id", None)
         self.pad_token_id: int = pad if isinstance(pad, int) else min(self.eos_token_ids, default=0)
+        self.kv_bytes_per_token = kv_bytes_per_token(config, dtype)
+        self.kv_budget_tokens = max(1, kv_budget_bytes // self.kv_bytes_per_token)
         params = inspect.signature(self.model.forward).parameters
         # transformers 5 renamed past_key_values to cache; accept either spelling.
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -175,6 +183,7 @@ class TransformersEngine:
             generator=make_generator(sampling, self.device),
             decoder=IncrementalDecoder(self.renderer.decode),
             stopper=StopMatcher(sampling.stop_sequences),
+            reserve=min(len(submission.input_ids) + sampling.max_tokens, self.max_context),
         )
         problem = self._check_prompt(seq.prompt)
         if problem is not None:
@@ -207,7 +216,12 @@ class TransformersEngine:
                     "waiting": len(self._waiting),
                     "kv_tokens": sum(self._batch.kv.lengths),
                     "kv_allocated_tokens": len(self._batch.kv) * self._batch.kv.width,
-                    "kv_capacity_tokens": self.max_batch * self.max_context,
+                    "kv_capacity_tokens": min(
+                        self.kv_budget_tokens, self.max_batch * self.max_context
+                    ),
+                    "kv_reserved_tokens": _reserved(self._batch.seqs),
+                    "kv_budget_tokens": self.kv_budget_tokens,
+                    "kv_bytes_per_token": self.kv_bytes_per_token,
                 }
             )
 
@@ -257,7 +271,16 @@ class TransformersEngine:
             self._decode_step()
 
     def _admit(self, cancels: set[str]) -> list[_Sequence]:
-        """Takes waiting requests into the batch while slots and the prefill budget last."""
+        """Takes waiting requests into the batch, first come first served, while slots, the
+        prefill budget and the KV budget last.
+
+        The cache is left-padded to its longest row, and rows only grow until they end, so
+        the batch can come to hold rows x (the longest reserve among them): a newcomer fits
+        when (rows + 1) x max(that width, its own reserve) stays within the budget. Reserving
+        the end state, not the current lengths, means decoding never outgrows the budget
+        (nothing here can evict a running sequence). A newcomer alone in an empty batch is
+        always taken, so one that needs more than the budget still runs.
+        """
         kept = deque(s for s in self._waiting if s.generation.request_id not in cancels)
         for seq in self._waiting:
             if seq.generation.request_id in cancels:
@@ -265,12 +288,18 @@ class TransformersEngine:
         self._waiting = kept
         admitted: list[_Sequence] = []
         budget = PREFILL_TOKENS_PER_STEP
-        while self._waiting and len(self._batch.seqs) + len(admitted) < self.max_batch:
-            if admitted and len(self._waiting[0].prompt) > budget:
+        rows = len(self._batch.seqs)
+        width = max((s.reserve for s in self._batch.seqs), default=0)
+        while self._waiting and rows < self.max_batch:
+            seq = self._waiting[0]
+            if admitted and len(seq.prompt) > budget:
                 break
-            seq = self._waiting.popleft()
+            if rows and (rows + 1) * max(width, seq.reserve) > self.kv_budget_tokens:
+                break
+            self._waiting.popleft()
             budget -= len(seq.prompt)
             admitted.append(seq)
+            rows, width = rows + 1, max(width, seq.reserve)
         return admitted
 
     def _drop_cancelled(self, cancels: set[str]) -> None:
@@ -445,6 +474,11 @@ class TransformersEngine:
     def _notify(self) -> None:
         if self.on_events is not None:
             self.on_events()
+
+
+def _reserved(seqs: list[_Sequence]) -> int:
+    """KV positions the batch may come to hold: rows x its longest reserve."""
+    return len(seqs) * max((s.reserve for s in seqs), default=0)
 
 
 def _ids(value: object) -> list[int]:

