@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install up test lint fmt bench bench-usage soak fuzz
+.PHONY: install up test lint typecheck check fmt bench bench-usage soak fuzz
 
 install: $(STAMP)
 
@@ -27,6 +27,14 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Strict where it is cheap (the torch-free packages), plain mypy on the rest.
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict contract db api
+	$(BIN)/mypy workers infra migrations
+
+# What CI runs before the tests.
+check: lint typecheck
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

@@ -141,9 +141,7 @@ _BY_TYPE: dict[ErrorType, type[ApiError]] = {
 
 def api_error_for(error_type: str, message: str) -> ApiError:
     """The typed error for an Anthropic error type (e.g. a worker's ErrorEvent); unknown -> 500."""
-    cls = _BY_TYPE.get(error_type)
-    if cls is None:
-        return ApiInternalError(message)
+    cls = next((c for t, c in _BY_TYPE.items() if t == error_type), ApiInternalError)
     return cls(message)
 
 
@@ -232,6 +230,7 @@ async def _handle_validation_error(request: Request, exc: Exception) -> JSONResp
 async def _handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     status = exc.status_code
+    error_type: ErrorType
     if status == 404:
         error_type, message = NotFoundError.error_type, "Not found"
         if exc.detail and exc.detail != "Not Found":

@@ -35,7 +35,7 @@ from contract.logs import log_request
 
 log = logging.getLogger("abl.metrics")
 # The `_created` series double every counter and nobody graphs them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 UNKNOWN_MODEL = "unknown"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)

@@ -55,10 +55,10 @@ class EventHub:
             if self._reader is None or self._reader.done():
                 pubsub = self._client.pubsub()
                 try:
-                    await pubsub.connect()
+                    await pubsub.connect()  # type: ignore[no-untyped-call]
                 except BaseException:
                     with contextlib.suppress(Exception):
-                        await pubsub.aclose()
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
                     raise
                 self._pubsub = pubsub
                 self._reader = asyncio.create_task(self._read(pubsub))

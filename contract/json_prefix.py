@@ -193,7 +193,8 @@ class JsonScanner:
         """The value of `text` (what this scanner read) cut at the last complete member."""
         if self._safe == 0:
             return None
-        return json.loads(text[: self._safe] + self._safe_closers)
+        parsed: object = json.loads(text[: self._safe] + self._safe_closers)
+        return parsed
 
 
 def complete_prefix(text: str) -> object | None:

@@ -5,6 +5,7 @@ exactly the ids that `transformers`' `apply_chat_template` would produce for the
 """
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -182,7 +183,7 @@ class PromptRenderer:
     def pad_token(self) -> str | None:
         return self.special_tokens.get("pad_token")
 
-    def render(self, system: str | None, messages: list[tuple[str, str]]) -> str:
+    def render(self, system: str | None, messages: Sequence[tuple[str, str]]) -> str:
         """The prompt text for a conversation, ready for the assistant's next turn.
 
         A trailing assistant message is a prefill: it stays open for the model to continue.
@@ -221,7 +222,7 @@ class PromptRenderer:
         """Token ids of rendered text; special tokens come from the template, none are added."""
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def count(self, system: str | None, messages: list[tuple[str, str]]) -> int:
+    def count(self, system: str | None, messages: Sequence[tuple[str, str]]) -> int:
         """Input tokens of a conversation."""
         return len(self.encode(self.render(system, messages)))
 

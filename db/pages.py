@@ -20,7 +20,7 @@ class Page(Generic[T]):
         return self.rows[-1] if self.has_more else None
 
 
-def keyset_page(session: Session, query: "Select[tuple[Any]]", limit: int) -> Page[Any]:
+def keyset_page(session: Session, query: "Select[Any]", limit: int) -> Page[Any]:
     """The first `limit` rows of `query` (already filtered past the cursor and ordered).
 
     One row more is read to learn whether another page follows, instead of a count.

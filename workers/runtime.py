@@ -164,9 +164,9 @@ class WorkerRuntime:
             engine.start()
             self.engines[model_id] = engine
             log.info("model %s loaded from %s (%s)", model_id, path, spec.backend)
-        for engine in self.engines.values():
-            engine.on_events = self.pump.notify
-            engine.start()
+        for backend in self.engines.values():
+            backend.on_events = self.pump.notify
+            backend.start()
         self.pump.start()
         self.metrics_port = serve_metrics(self.settings, self.engines)
         for target in (self._heartbeat_loop, self._cancel_loop):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fastapi.concurrency import run_in_threadpool
 
 from api.anthropic.convert import sampling_params
-from api.anthropic.protocol import CountTokensRequest, MessagesRequest
+from api.anthropic.protocol import ConversationRequest, MessagesRequest
 from api.credentials import Principal
 from api.errors import (
     ApiError,
@@ -54,7 +54,7 @@ def resolve_model(platform: Platform, model_id: str) -> ModelSpec:
     return spec
 
 
-def tokenize(platform: Platform, spec: ModelSpec, body: CountTokensRequest) -> list[int]:
+def tokenize(platform: Platform, spec: ModelSpec, body: ConversationRequest) -> list[int]:
     renderer = platform.renderer(spec)
     return renderer.encode(renderer.render(body.system_text(), body.conversation()))
 
@@ -66,12 +66,12 @@ def tokenize(platform: Platform, spec: ModelSpec, body: CountTokensRequest) -> l
 INLINE_TOKENIZE_CHARS = 2048
 
 
-def prompt_chars(body: CountTokensRequest) -> int:
+def prompt_chars(body: ConversationRequest) -> int:
     return len(body.system_text() or "") + sum(len(text) for _, text in body.conversation())
 
 
 async def tokenize_async(
-    platform: Platform, spec: ModelSpec, body: CountTokensRequest
+    platform: Platform, spec: ModelSpec, body: ConversationRequest
 ) -> list[int]:
     if spec.id in platform.loaded_tokenizers and prompt_chars(body) <= INLINE_TOKENIZE_CHARS:
         return tokenize(platform, spec, body)

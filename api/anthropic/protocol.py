@@ -119,7 +119,7 @@ def _unsupported(kind: str) -> PydanticCustomError:
     )
 
 
-class _ConversationRequest(_WireModel):
+class ConversationRequest(_WireModel):
     """Fields shared by /v1/messages and /v1/messages/count_tokens."""
 
     model: str = Field(max_length=256)
@@ -159,7 +159,7 @@ class _ConversationRequest(_WireModel):
         return thinking
 
     @model_validator(mode="after")
-    def _non_empty_content(self) -> "_ConversationRequest":
+    def _non_empty_content(self) -> "ConversationRequest":
         last = len(self.messages) - 1
         for index, message in enumerate(self.messages):
             if message.text() or (index == last and message.role == "assistant"):
@@ -189,7 +189,7 @@ class _ConversationRequest(_WireModel):
         return turns
 
 
-class MessagesRequest(_ConversationRequest):
+class MessagesRequest(ConversationRequest):
     """POST /v1/messages body."""
 
     max_tokens: int | None = Field(default=None, ge=1)
@@ -203,7 +203,7 @@ class MessagesRequest(_ConversationRequest):
     metadata: Metadata | None = None
 
 
-class CountTokensRequest(_ConversationRequest):
+class CountTokensRequest(ConversationRequest):
     """POST /v1/messages/count_tokens body; generation fields, if sent, are ignored."""
 
 

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,7 @@ def seed(engine: Engine, args: argparse.Namespace, now: datetime) -> dict[str, f
         conn.execute(text("SET LOCAL synchronous_commit = off"))
         conn.execute(text("SET LOCAL work_mem = '512MB'"))
         for step, sql in steps.items():
-            timings[step] = _timed(lambda sql=sql: conn.execute(text(sql), params))
+            timings[step] = _timed(partial(conn.execute, text(sql), params))
         charged = conn.execute(text("SELECT count(*) FROM request WHERE credits_charged > 0"))
         params["topups"] = max(0, args.ledger - base_ledger - int(charged.scalar_one()))
         timings["ledger"] = _timed(lambda: conn.execute(text(SEED_LEDGER), params))

@@ -25,6 +25,7 @@ from contract.jobs import SamplingParams
 from contract.rendering import PromptRenderer
 from workers.backends.seam import Finished, Submission, TextChunk
 from workers.backends.transformers.engine import TransformersEngine
+from workers.backends.transformers.kv_batch import layers_of
 from workers.engine_process import EngineProcess
 
 QUESTIONS = [
@@ -92,7 +93,8 @@ def measured_kv_bytes_per_token(engine: TransformersEngine) -> int:
     cache = DynamicCache()
     with torch.inference_mode():
         engine.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True)
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) // len(ids)
+    layers = layers_of(cache)
+    return sum(keys.nbytes + values.nbytes for keys, values in layers) // len(ids)
 
 
 def answers(engine: TransformersEngine, max_tokens: int) -> list[dict[str, Any]]:

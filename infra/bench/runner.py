@@ -5,6 +5,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,11 +131,11 @@ def _one_repeat(
         # Enough requests at low concurrency that a median is not one of a handful.
         n = max(rpc, -(-MIN_REQUESTS_PER_PHASE // c))
         task = progress.add_task(f"engine alone, concurrency {c}", total=c * n)
-        records, wall = baselines.clients(c, n, max_tokens, lambda t=task: progress.advance(t))
+        records, wall = baselines.clients(c, n, max_tokens, partial(progress.advance, task))
         level["engine"] = summarize(records, wall)
         task = progress.add_task(f"platform over HTTP, concurrency {c}", total=c * n)
         rss.sample()
-        records, wall = _platform_phase(running, body, c, n, lambda t=task: progress.advance(t))
+        records, wall = _platform_phase(running, body, c, n, partial(progress.advance, task))
         level["platform"] = summarize(records, wall)
         # Greedy, identical prompts: every answer must be the engine's answer alone.
         level["platform"]["outputs_match_engine"] = all(

@@ -38,8 +38,7 @@ def _range_params(args: argparse.Namespace) -> dict[str, str | int]:
 def _table(columns: list[str], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for column in columns:
-        justify = "right" if column in NUMERIC else "left"
-        table.add_column(column, justify=justify, overflow="fold")
+        table.add_column(column, justify="right" if column in NUMERIC else "left", overflow="fold")
     return table
 
 

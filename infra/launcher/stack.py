@@ -169,9 +169,12 @@ class Stack:
         self.workers: list[ChildProcess] = []
         # Embedded services run where no URL was given (again on a restart after stop()).
         # `listen_host`/`clients`: where they listen and who else may log in (other hosts).
-        listen = {"log_dir": self.log_dir, "listen_host": listen_host, "clients": clients}
-        self._postgres = EmbeddedPostgres(self.data_dir, **listen)
-        self._redis = EmbeddedRedis(self.data_dir, **listen)
+        self._postgres = EmbeddedPostgres(
+            self.data_dir, log_dir=self.log_dir, listen_host=listen_host, clients=clients
+        )
+        self._redis = EmbeddedRedis(
+            self.data_dir, log_dir=self.log_dir, listen_host=listen_host, clients=clients
+        )
         # The command that runs worker i's process in its place (`ip netns exec NS`, ssh...).
         self.worker_prefix = worker_prefix
         self._embedded_db = database_url is None

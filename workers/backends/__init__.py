@@ -11,13 +11,16 @@ from workers.backends.seam import Backend, BackendOptions
 def create_backend(name: BackendName, model_path: Path, options: BackendOptions) -> Backend:
     """Loads the model at `model_path` into a new, not yet started, backend."""
     if name == "transformers":
-        from workers.backends.transformers.engine import TransformersEngine
-
-        budget = (
-            {} if options.kv_budget_bytes is None else {"kv_budget_bytes": options.kv_budget_bytes}
+        from workers.backends.transformers.engine import (
+            DEFAULT_KV_BUDGET_BYTES,
+            TransformersEngine,
         )
+
         return TransformersEngine(
-            model_path, max_batch=options.max_batch, num_threads=options.num_threads, **budget
+            model_path,
+            max_batch=options.max_batch,
+            num_threads=options.num_threads,
+            kv_budget_bytes=options.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES,
         )
     if name == "echo":
         from workers.backends.echo import EchoBackend

@@ -18,6 +18,7 @@ from workers.backends.seam import (
     Failed,
     Finished,
     Generation,
+    StopReason,
     Submission,
     TextChunk,
 )
@@ -146,7 +147,7 @@ class EchoBackend:
             held = echo.stopper.flush()
             if held:
                 echo.events.append(TextChunk(held, echo.produced))
-            reason = "end_turn" if echo.produced >= len(echo.prompt) else "max_tokens"
+            reason: StopReason = "end_turn" if echo.produced >= len(echo.prompt) else "max_tokens"
             echo.events.append(Finished(reason, None, echo.produced))
         else:
             return

@@ -126,13 +126,13 @@ class SchemaCompiler:
         assert piece is not None and piece.max_bytes <= budget
         return piece
 
-    def _classify(self, node: object, path: str) -> tuple[str, Any]:
+    def _classify(self, node: Any, path: str) -> tuple[str, Any]:
         """What a schema node is: ref, union, literal, or one of the JSON types."""
         if path not in self._kinds:
             self._kinds[path] = self._classify_uncached(node, path)
         return self._kinds[path]
 
-    def _classify_uncached(self, node: object, path: str) -> tuple[str, Any]:
+    def _classify_uncached(self, node: Any, path: str) -> tuple[str, Any]:
         if node is True or node is None or node == {}:
             return "union", _ANY
         if not isinstance(node, dict):
@@ -156,7 +156,7 @@ class SchemaCompiler:
 
     # Fewest bytes.
 
-    def _min_of(self, node: object, path: str, stack: set[str]) -> int:
+    def _min_of(self, node: Any, path: str, stack: set[str]) -> int:
         if path in stack or (self._settled and path in self._min):
             return self._min.get(path, UNBOUNDED)
         stack.add(path)
@@ -167,10 +167,11 @@ class SchemaCompiler:
         self._min[path] = value
         return value
 
-    def _min_uncached(self, node: object, path: str, stack: set[str]) -> int:
+    def _min_uncached(self, node: Any, path: str, stack: set[str]) -> int:
         kind, payload = self._classify(node, path)
         if kind == "ref":
-            return self._min_of(*payload, stack)
+            ref_node, ref_path = payload
+            return self._min_of(ref_node, ref_path, stack)
         if kind == "union":
             return min([self._min_of(n, p, stack) for n, p in payload], default=UNBOUNDED)
         if kind == "literal":
@@ -191,7 +192,7 @@ class SchemaCompiler:
 
     # Natural size: how much of a budget a value can use (UNBOUNDED if it has no bound).
 
-    def _appetite_of(self, node: object, path: str, stack: set[str]) -> int:
+    def _appetite_of(self, node: Any, path: str, stack: set[str]) -> int:
         if path in self._appetite:
             return self._appetite[path]
         if path in stack:
@@ -204,10 +205,11 @@ class SchemaCompiler:
         self._appetite[path] = value
         return value
 
-    def _appetite_uncached(self, node: object, path: str, stack: set[str]) -> int:
+    def _appetite_uncached(self, node: Any, path: str, stack: set[str]) -> int:
         kind, payload = self._classify(node, path)
         if kind == "ref":
-            return self._appetite_of(*payload, stack)
+            ref_node, ref_path = payload
+            return self._appetite_of(ref_node, ref_path, stack)
         if kind == "union":
             return max([self._appetite_of(n, p, stack) for n, p in payload], default=0)
         if kind == "literal":
@@ -228,7 +230,7 @@ class SchemaCompiler:
 
     # Compiling with a budget.
 
-    def _piece(self, node: object, path: str, budget: int) -> Piece | None:
+    def _piece(self, node: Any, path: str, budget: int) -> Piece | None:
         """The rule for `node` within `budget` bytes; None if nothing valid fits."""
         least = self._min_of(node, path, set())
         if least > budget:
@@ -240,10 +242,11 @@ class SchemaCompiler:
             self._pieces[key] = self._build(node, path, budget)
         return self._pieces[key]
 
-    def _build(self, node: object, path: str, budget: int) -> Piece | None:
+    def _build(self, node: Any, path: str, budget: int) -> Piece | None:
         kind, payload = self._classify(node, path)
         if kind == "ref":
-            return self._piece(*payload, budget)
+            ref_node, ref_path = payload
+            return self._piece(ref_node, ref_path, budget)
         if kind == "union":
             branches = [self._piece(n, p, budget) for n, p in payload]
             return self._alternatives([b for b in branches if b is not None])

@@ -272,7 +272,7 @@ def write_converted(gguf_path: Path, out_dir: Path, progress: Progress) -> None:
             model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=name, dtype=torch.float32)
         # transformers refuses to save a model it loaded from GGUF ("quantized with gguf and
         # is not serializable"); its weights are plain fp32 tensors by now: drop the marker.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # typed as always set
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(out_dir)

@@ -126,7 +126,7 @@ def _write_model(folder: Path) -> None:
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(config).float()
     model.generation_config = GenerationConfig(
         bos_token_id=ids[BOS_TOKEN],
         eos_token_id=[ids[EOS_TOKEN]],

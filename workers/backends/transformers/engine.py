@@ -24,7 +24,6 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from contract.jobs import SamplingParams
 from contract.rendering import PromptRenderer
 from workers.backends.seam import (
-    EngineEvent,
     EngineStats,
     Failed,
     Finished,
@@ -108,7 +107,7 @@ class TransformersEngine:
             torch.set_num_threads(num_threads or max(1, min(torch.get_num_threads(), allowed - 1)))
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
-        self.model.to(self.device).eval()
+        self.model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' .to() stub
         self.renderer = PromptRenderer.from_folder(self.model_path)
         config = self.model.config.get_text_config()
         self.vocab_size: int = int(config.vocab_size)
@@ -136,7 +135,7 @@ class TransformersEngine:
         self.on_events: Callable[[], None] | None = None
         self._batch = _Batch()
         # Terminal events of this step, published once the batch no longer holds them.
-        self._finals: list[tuple[_Sequence, EngineEvent]] = []
+        self._finals: list[tuple[_Sequence, Finished | Failed]] = []
         self._stats = EngineStats()
         self._running = False
         self._thread: threading.Thread | None = None

@@ -63,7 +63,8 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
 
 
 def layers_of(cache: DynamicCache) -> list[KV]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    # Every layer of these caches is full attention (DynamicLayer or GrowingLayer), filled.
+    return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
 
 
 def make_cache(layers: list[KV]) -> DynamicCache:
