@@ -12,7 +12,7 @@ from workers.dispatch import Drain
 from workers.settings import WorkerSettings
 
 
-class GenerateTask(Task):  # type: ignore[misc]
+class GenerateTask(Task):
     name = TASK_GENERATE
     Strategy = "workers.dispatch:strategy"
     ignore_result = True
