@@ -3,11 +3,13 @@
 Version the payload (`v`) when a field changes meaning.
 """
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, Field
 
 # Celery task name; the API enqueues by name and never imports the task.
 TASK_GENERATE = "abl.generate"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class SamplingParams(BaseModel):
@@ -20,6 +22,24 @@ class SamplingParams(BaseModel):
     stop_sequences: list[str] = Field(default_factory=list)  # matched on decoded text
 
 
+class ToolSpec(BaseModel):
+    """A tool the model may call (a custom tool of the request)."""
+
+    name: str
+    input_schema: dict[str, Any]  # JSON Schema of the call's `input` (already checked)
+
+
+class ToolUse(BaseModel):
+    """The request's tools and whether the answer must call one (Anthropic's tool_choice)."""
+
+    tools: list[ToolSpec]
+    # auto: the model decides; any: it must call one; tool: it must call `name`;
+    # none: it must not call any.
+    choice: Literal["auto", "any", "tool", "none"] = "auto"
+    name: str | None = None  # the tool to call, with choice "tool"
+    parallel: bool = True  # false: at most one call (disable_parallel_tool_use)
+
+
 class GenerateJob(BaseModel):
     """What a worker needs to run one request; sent as the task's only argument (JSON)."""
 
@@ -28,6 +48,14 @@ class GenerateJob(BaseModel):
     model: str  # catalogue id; the queue already routed it to a worker serving this model
     input_ids: list[int]  # the rendered, tokenized prompt (the API counted exactly these)
     sampling: SamplingParams  # decoding parameters
+    # Tools: calls are parsed out of the generated text into tool_use blocks; a forced call
+    # (choice any/tool) is generated under a grammar, so it is valid JSON for its schema.
+    tool_use: ToolUse | None = None
+    # Structured output: the whole answer is JSON valid against this schema (grammar).
+    output_schema: dict[str, Any] | None = None
+    # Extended thinking: at most this many tokens of it (models without a reasoning
+    # section produce none).
+    thinking_budget: int | None = None
     # Who sent it, for the worker's request log line only (never for decisions).
     account_id: str | None = None
     key_prefix: str | None = None
