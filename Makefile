@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install up test lint typecheck check fmt bench bench-usage soak fuzz
+.PHONY: install up test lint typecheck check fmt bench bench-usage bench-fairness soak fuzz
 
 install: $(STAMP)
 
@@ -47,6 +47,10 @@ bench: $(STAMP)
 # machine's PostgreSQL, postgres@127.0.0.1:5432), 1M requests, 3M ledger rows; docs/billing.md.
 bench-usage: $(STAMP)
 	$(BIN)/python -m infra.bench.billing $(if $(ABL_BENCH_DATABASE_URL),--database-url $(ABL_BENCH_DATABASE_URL)) $(BENCH_USAGE_ARGS)
+
+# Account B's time to first token while account A floods 300 streams (infra/bench/fairness.py).
+bench-fairness: $(STAMP)
+	$(BIN)/python -m infra.bench.fairness $(FAIRNESS_ARGS)
 
 soak: $(STAMP)
 	$(BIN)/abl soak $(SOAK_ARGS)

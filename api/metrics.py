@@ -32,6 +32,7 @@ from api.platform import Platform
 from contract.catalog import Catalog
 from contract.events import DeltaEvent, DoneEvent
 from contract.logs import log_request
+from contract.queueing import interactive_lanes
 
 log = logging.getLogger("abl.metrics")
 # The `_created` series double every counter and nobody graphs them.
@@ -104,9 +105,12 @@ async def refresh_gauges(platform: Platform) -> None:
     specs = platform.catalog.all()
     try:
         async with platform.redis.pipeline(transaction=False) as pipe:
+            lanes = platform.settings.queue_lanes
             for spec in specs:
-                pipe.llen(spec.queue)
-            depths = await pipe.execute()
+                for lane in interactive_lanes(spec.queue, lanes):
+                    pipe.llen(lane)
+            lengths = await pipe.execute()
+            depths = [sum(lengths[i * lanes : (i + 1) * lanes]) for i in range(len(specs))]
         workers = await live_workers(platform.redis)
     except (RedisError, OSError) as exc:  # the scrape still answers; these go stale
         log.warning("metrics: Redis unavailable: %s", exc)

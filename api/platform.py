@@ -98,12 +98,18 @@ class Platform:
             await self.tasks.push(
                 TASK_GENERATE,
                 [job.model_dump(mode="json")],
-                spec.queue,
+                queue=spec.queue,
+                lanes=self.settings.queue_lanes,
+                account_id=job.account_id or "",
+                request_id=job.request_id,
                 max_waiting=self.settings.max_queued_per_model,
+                # A job waiting longer than the queue timeout has been given up on.
+                stale_s=2 * self.settings.queue_timeout_s,
             )
         except QueueFull as full:
             raise OverloadedError(
-                f"{full.backlog} requests are already waiting for {spec.id}; retry shortly",
+                f"{full.backlog} requests are already waiting for {spec.id} and this account"
+                " holds its share of them; retry shortly",
                 retry_after=2,
             ) from None
 

@@ -40,7 +40,9 @@ class ApiSettings(CoreSettings):
     ping_interval_s: float = Field(default=5.0, gt=0)
     # How long a request waits for a worker to pick it up before a 529.
     queue_timeout_s: float = Field(default=30.0, gt=0)
-    # Jobs waiting in a model's queue beyond which new requests get a 529 at once.
+    # Jobs waiting for a model beyond which new requests get a 529 at once; past it, an
+    # account with fewer than its share (this / accounts waiting) may still queue, up to twice
+    # as many in all.
     max_queued_per_model: int = Field(default=256, ge=1)
     # While no event arrives, how often to check the request's worker is alive.
     liveness_check_s: float = Field(default=1.0, gt=0)

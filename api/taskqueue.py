@@ -5,7 +5,9 @@ worker thread: a thread hop plus kombu's publish path cost ~4 ms per request und
 (docs/benchmarks.md). Celery's Redis transport stores a message as one JSON document pushed on
 the queue's list, so the API builds that document with Celery's own message factory
 (`app.amqp.as_task_v2`, protocol 2, the JSON serializer) and pushes it with the async client,
-in a script that also enforces the per-model queue cap atomically.
+in a script that also applies the model's queue cap and each account's share of it atomically
+(ARCHITECTURE.md, "Queueing": an account's jobs go to one of the model's interactive lanes, which
+workers consume round-robin).
 
 The document is the one kombu writes for a publish to the default exchange with the queue's name
 as routing key: a worker consumes it, and Redis visibility-timeout restores re-route it, exactly
@@ -14,22 +16,21 @@ as a `send_task(..., queue=q, routing_key=q)` message (a unit test compares the 
 
 import base64
 import json
+import time
 import uuid
+from math import ceil
 from typing import Any
 
 import redis.asyncio as aioredis
 from celery import Celery
 
-# KEYS[1]: the queue's list. ARGV[1]: the message, ARGV[2]: the cap on waiting messages.
-# Returns the backlog before the push, or -1 - backlog when the queue is full (nothing pushed).
-_PUSH_BOUNDED = """
-local backlog = redis.call('LLEN', KEYS[1])
-if backlog >= tonumber(ARGV[2]) then
-    return -1 - backlog
-end
-redis.call('LPUSH', KEYS[1], ARGV[1])
-return backlog
-"""
+from contract.queueing import (
+    PUSH_FAIR,
+    interactive_lanes,
+    lane_for,
+    queued_accounts_key,
+    queued_jobs_key,
+)
 
 
 class QueueFull(Exception):
@@ -62,15 +63,37 @@ def task_message(app: Celery, task_name: str, args: list[Any], queue: str) -> st
 
 
 class TaskQueue:
-    """Pushes tasks onto per-model Celery queues with a cap on what may wait."""
+    """Pushes tasks onto a model's lanes, each account within its share of what may wait."""
 
     def __init__(self, app: Celery, client: aioredis.Redis) -> None:
         self._app = app
-        self._push = client.register_script(_PUSH_BOUNDED)
+        self._push = client.register_script(PUSH_FAIR)
 
-    async def push(self, task_name: str, args: list[Any], queue: str, *, max_waiting: int) -> None:
-        """Enqueues, or raises QueueFull (pushing nothing) when `max_waiting` already wait."""
-        message = task_message(self._app, task_name, args, queue)
-        backlog = int(await self._push(keys=[queue], args=[message, max_waiting]))
+    async def push(
+        self,
+        task_name: str,
+        args: list[Any],
+        *,
+        queue: str,
+        lanes: int,
+        account_id: str,
+        request_id: str,
+        max_waiting: int,
+        stale_s: float,
+    ) -> None:
+        """Enqueues on the account's lane of `queue`, or raises QueueFull (pushing nothing)."""
+        lane = lane_for(queue, account_id, lanes)
+        message = task_message(self._app, task_name, args, lane)
+        now = time.time()
+        keys = [
+            lane,
+            queued_accounts_key(queue),
+            queued_jobs_key(queue, account_id),
+            *interactive_lanes(queue, lanes),
+        ]
+        argv: list[str | int | float] = [
+            *(message, max_waiting, account_id, request_id, now, now - stale_s, ceil(stale_s))
+        ]
+        backlog = int(await self._push(keys=keys, args=argv))
         if backlog < 0:
             raise QueueFull(-1 - backlog)

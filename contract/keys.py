@@ -1,4 +1,5 @@
-"""Every Redis key and channel name that the API and the workers share."""
+"""Every Redis key and channel name that the API and the workers share (the queue's lanes and
+shares are in `contract.queueing`)."""
 
 # Pub/sub channel on which the API announces cancellations; every worker listens.
 CANCEL_CHANNEL = "abl:cancel"

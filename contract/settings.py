@@ -21,6 +21,10 @@ class CoreSettings(BaseSettings):
     default_max_tokens: int = Field(default=1024, ge=1)
     # A worker renews a lease on each request it runs; a lease left to expire means it died.
     worker_lease_s: float = Field(default=10.0, gt=0)
+    # Interactive lanes per model: accounts are hashed onto them and workers take from them
+    # round-robin, so one account's backlog cannot hold back everyone else's requests.
+    # The API and every worker must use the same number.
+    queue_lanes: int = Field(default=4, ge=1, le=64)
 
     @property
     def models_dir(self) -> Path:

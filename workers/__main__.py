@@ -5,7 +5,7 @@ import sys
 
 from celery.signals import worker_shutting_down
 
-from workers.celery_app import app
+from workers.celery_app import IDLE_QUEUE, app
 from workers.runtime import init_runtime
 from workers.settings import WorkerSettings
 
@@ -25,7 +25,8 @@ def main() -> None:
             [
                 "worker",
                 "--pool=solo",
-                f"--queues={','.join(runtime.queues)}",
+                # The jobs come through LaneConsumers (workers/dispatch.py), not this queue.
+                f"--queues={IDLE_QUEUE}",
                 f"--hostname={settings.worker_name}@%h",
                 "--loglevel=INFO",
                 "--without-gossip",

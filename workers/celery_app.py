@@ -1,25 +1,16 @@
-"""The Celery application of a worker process: one consumer, no pool work, one task.
+"""The Celery application of a worker process: Celery's consumer, with one consumer per lane.
 
-The task `abl.generate` never runs on Celery's pool: its strategy (workers/dispatch.py) hands
-each message to the runtime, which acknowledges it once the request is settled. The pool is
-`solo` and idle; the consumer's prefetch count bounds the jobs in flight.
+Jobs never run on Celery's pool: `LaneConsumers` (workers/dispatch.py) hands each message to the
+runtime, which acknowledges it once the request is settled. Celery's own task consumer needs a
+queue; it is given `IDLE_QUEUE`, which nothing is sent to, and the `solo` pool idles.
 """
 
-from celery import Celery, Task
+from celery import Celery
 
-from contract.jobs import TASK_GENERATE
-from workers.dispatch import Drain
+from workers.dispatch import Drain, LaneConsumers
 from workers.settings import WorkerSettings
 
-
-class GenerateTask(Task):
-    name = TASK_GENERATE
-    Strategy = "workers.dispatch:strategy"
-    ignore_result = True
-    acks_late = True
-
-    def run(self, *args: object, **kwargs: object) -> None:
-        raise RuntimeError(f"{TASK_GENERATE} runs through its strategy, never on the pool")
+IDLE_QUEUE = "abl.idle"
 
 
 def make_celery(settings: WorkerSettings) -> Celery:
@@ -28,19 +19,16 @@ def make_celery(settings: WorkerSettings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        # Unacknowledged messages are the jobs in flight: the solo pool counts as one process.
-        worker_prefetch_multiplier=settings.in_flight_limit,
         worker_pool="solo",
         worker_concurrency=1,
+        worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         worker_enable_remote_control=False,
         worker_send_task_events=False,
     )
-    app.register_task(GenerateTask())
+    app.steps["consumer"].add(LaneConsumers)
     app.steps["worker"].add(Drain)
     return app
 

@@ -1,54 +1,88 @@
-"""How Celery hands jobs to the runtime without a thread per job.
+"""How the worker takes jobs from the broker: one consumer per lane, no thread per job.
 
-Celery runs each task message through its task's *strategy* on the consumer's event loop; the
-default one queues a request for the pool, whose thread would then block for the whole
-generation. `abl.generate` names this module's strategy instead: it decodes the job and gives
-it to `WorkerRuntime.dispatch`, with the message's acknowledgement, and returns at once. The
-runtime acknowledges the message when the request is settled (late acknowledgement, as
-`task_acks_late` would), from whichever thread settles it: Celery's `ack` promise runs the
-acknowledgement on the consumer's loop. How many messages a worker takes at once is the
-consumer's prefetch count (`ABL_MAX_IN_FLIGHT`), because unacknowledged messages count against
-it. A worker that dies with messages unacknowledged has them redelivered by the broker after the
-visibility timeout; the claim in Postgres makes the redelivery of a request that already ran
-(or was settled) a no-op.
+Celery's consumer runs this step (`LaneConsumers`) beside its own: for every lane of the models
+this worker serves (contract/queueing.py) a kombu consumer on a channel of its own, so each lane
+has its own prefetch count. A flooding account fills its own lane's count; another account's
+lane still has room, so its job reaches this worker at once, and the engine's admission, fair
+between accounts, takes it into the batch at the next step (docs/architecture.md, "Queueing").
+
+Each message is decoded on the consumer's event loop and given to `WorkerRuntime.dispatch`,
+which returns at once; the runtime acknowledges the message when the request is settled (late
+acknowledgement, as `task_acks_late` does), from whichever thread settles it: the
+acknowledgement itself runs on the event loop (`call_soon_ack`). Unacknowledged messages count
+against their lane's prefetch; a worker that dies with messages unacknowledged has them
+redelivered by the broker after the visibility timeout, and the claim in Postgres makes the
+redelivery of a request that already ran (or was settled) a no-op.
 
 `Drain` makes a warm shutdown wait for the jobs in flight (bounded by the shutdown grace) before
 the event loop closes, so their acknowledgements still go out.
 """
 
+import contextlib
 import logging
+from functools import partial
 from typing import Any
 
 from celery import bootsteps
+from kombu import Consumer, Queue
 from kombu.message import Message
 
-from contract.jobs import GenerateJob
-from workers.runtime import Delivery, get_runtime
+from contract.jobs import TASK_GENERATE, GenerateJob
+from workers.runtime import Delivery, WorkerRuntime, get_runtime
 
 log = logging.getLogger("abl.worker")
 
 
-def strategy(task: Any, app: Any, consumer: Any, **_: Any) -> Any:
-    """Celery's hook: returns the handler of every `abl.generate` message."""
-    runtime = get_runtime()
-    errors = consumer.connection_errors
+class LaneConsumers(bootsteps.StartStopStep):
+    """A consumer per lane, each with its own channel and prefetch count."""
 
-    def on_message(message: Message, payload: Any, ack: Any, reject: Any, *_: Any) -> None:
-        args, _kwargs, _embed = message.decode()
-        job = GenerateJob.model_validate(args[0])
-        runtime.dispatch(
-            job,
-            Delivery(
-                ack=lambda: ack(log, errors),
-                requeue=lambda: reject(log, errors, requeue=True),
-            ),
-        )
+    requires = ("celery.worker.consumer.connection:Connection",)
 
-    return on_message
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.consumers: list[Consumer] = []
+
+    def start(self, parent: Any) -> None:
+        runtime = get_runtime()
+        for lane in runtime.queues:
+            consumer = Consumer(
+                parent.connection.channel(),
+                queues=[Queue(lane, routing_key=lane)],
+                callbacks=[partial(_on_message, parent, runtime)],
+                accept=["json"],
+                prefetch_count=runtime.settings.in_flight_limit,
+            )
+            consumer.consume()
+            self.consumers.append(consumer)
+
+    def stop(self, parent: Any) -> None:
+        for consumer in self.consumers:
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                consumer.cancel()
+
+    def shutdown(self, parent: Any) -> None:
+        self.stop(parent)
+        for consumer in self.consumers:
+            with contextlib.suppress(Exception):
+                consumer.channel.close()  # type: ignore[attr-defined]
+        self.consumers = []
+
+
+def _on_message(parent: Any, runtime: WorkerRuntime, body: Any, message: Message) -> None:
+    ack = partial(parent.call_soon_ack, message.ack)
+    if message.headers.get("task") != TASK_GENERATE:
+        log.error("dropping a message for task %r", message.headers.get("task"))
+        ack()
+        return
+    args, _kwargs, _embed = body
+    runtime.dispatch(
+        GenerateJob.model_validate(args[0]),
+        Delivery(ack=ack, requeue=partial(parent.call_soon_ack, message.reject, requeue=True)),
+    )
 
 
 class Drain(bootsteps.StartStopStep):
-    """On a warm shutdown, after the consumer stopped and before the event loop closes, wait
+    """On a warm shutdown, after the consumers stopped and before the event loop closes, wait
     for the jobs in flight to be settled (the runtime aborts what outlives the grace)."""
 
     requires = ("celery.worker.components:Hub",)

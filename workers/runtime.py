@@ -36,7 +36,14 @@ from contract.events import (
     WorkerEvent,
 )
 from contract.jobs import GenerateJob
-from contract.keys import CANCEL_CHANNEL, cancel_key, events_channel, heartbeat_key, lease_key
+from contract.keys import (
+    CANCEL_CHANNEL,
+    cancel_key,
+    events_channel,
+    heartbeat_key,
+    lease_key,
+)
+from contract.queueing import TAKE, interactive_lanes, queued_accounts_key, queued_jobs_key
 from db.ledger import Outcome, Settlement, claim_request, settle_request
 from db.pricing import cost_usd, credits_for
 from db.session import in_autocommit
@@ -141,6 +148,7 @@ class WorkerRuntime:
         )
         self.telemetry = RequestTelemetry(settings.worker_name)
         self.metrics_port: int | None = None
+        self._take = self.redis.register_script(TAKE)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -201,8 +209,10 @@ class WorkerRuntime:
 
     @property
     def queues(self) -> list[str]:
-        """The broker queues of the models this worker serves."""
-        return list(dict.fromkeys(self._spec(m).queue for m in self.settings.models))
+        """The broker queues this worker consumes: every lane of the models it serves."""
+        lanes = self.settings.queue_lanes
+        models = dict.fromkeys(self._spec(m).queue for m in self.settings.models)
+        return [lane for queue in models for lane in interactive_lanes(queue, lanes)]
 
     def _heartbeat_loop(self) -> None:
         key = heartbeat_key(self.settings.worker_name)
@@ -269,6 +279,7 @@ class WorkerRuntime:
     def _begin(self, job: GenerateJob, delivery: Delivery) -> None:
         # The prefill runs while the claim commits; nothing is published unless it succeeds.
         early = self._submit_early(job)
+        self._taken(job)
         try:
             claimed = in_autocommit(
                 self.database_url,
@@ -304,6 +315,17 @@ class WorkerRuntime:
             self._work.submit(self._guarded, self._end, job, publisher, delivery, final)
 
         self.pump.watch(generation, publisher, ended)
+
+    def _taken(self, job: GenerateJob) -> None:
+        """Counts the job out of its account's share of the queue (api/taskqueue.py)."""
+        if job.account_id is None:
+            return
+        queue = self._spec(job.model).queue
+        keys = [queued_accounts_key(queue), queued_jobs_key(queue, job.account_id)]
+        try:
+            self._take(keys=keys, args=[job.request_id, job.account_id])
+        except redis.RedisError as exc:  # the entry ages out of the share by itself
+            log.warning("could not count %s out of its queue share: %s", job.request_id, exc)
 
     def _submit_early(self, job: GenerateJob) -> Generation | None:
         """Starts generating before the claim; None where the engine refuses the request
@@ -462,7 +484,7 @@ class WorkerRuntime:
 
 
 def _submission(job: GenerateJob) -> Submission:
-    return Submission(job.request_id, job.input_ids, job.sampling)
+    return Submission(job.request_id, job.input_ids, job.sampling, owner=job.account_id)
 
 
 _runtime: WorkerRuntime | None = None

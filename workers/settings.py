@@ -15,8 +15,8 @@ class WorkerSettings(CoreSettings):
     worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     # Sequences decoded together.
     max_batch: int = Field(default=16, ge=1)
-    # Jobs this worker holds at once, running or waiting for a batch slot (the broker's
-    # prefetch count); unset: ABL_MAX_BATCH, so no job waits here while another worker idles.
+    # Jobs this worker takes from each lane at once, running or waiting for a batch slot (each
+    # lane's prefetch count); unset: ABL_MAX_BATCH, so one account alone can fill the batch.
     max_in_flight: int | None = Field(default=None, ge=1)
     # Threads that claim and settle requests in Postgres, for all requests in flight.
     request_threads: int = Field(default=4, ge=1)

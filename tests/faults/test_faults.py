@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from contract.jobs import TASK_GENERATE, GenerateJob, SamplingParams
+from contract.queueing import interactive_lanes
 from db.ledger import reconcile
 from db.models import Account, Request
 from db.session import get_sessionmaker
@@ -29,6 +30,7 @@ from infra.launcher.stack import Stack
 from tests.support import sse_events, wait_for
 
 MODEL = "abliterated-model"
+LANES = interactive_lanes(MODEL, 4)  # ABL_QUEUE_LANES
 LONG = {
     "model": MODEL,
     "max_tokens": 1000,
@@ -186,10 +188,15 @@ def test_no_worker_means_529_and_released_hold(fault_stack: Stack, key: str) -> 
     books_are_straight(fault_stack)
 
 
+def jobs_waiting(r: redis.Redis) -> int:
+    """Jobs waiting in every lane of the model's queue."""
+    return sum(r.llen(lane) for lane in LANES)
+
+
 def test_full_queue_is_refused_at_once(fault_stack: Stack, key: str) -> None:
     """Workers still down: three requests fill the queue, the fourth gets 529 immediately."""
     r = redis.Redis.from_url(fault_stack.redis_url or "")
-    r.delete(MODEL)  # the jobs left over from the previous test
+    r.delete(*LANES)  # the jobs left over from the previous test
     statuses: list[int] = []
 
     def send() -> None:
@@ -205,7 +212,7 @@ def test_full_queue_is_refused_at_once(fault_stack: Stack, key: str) -> None:
     waiting = [threading.Thread(target=send) for _ in range(3)]
     for thread in waiting:
         thread.start()
-    wait_for(lambda: r.llen(MODEL) >= 3, timeout=10)
+    wait_for(lambda: jobs_waiting(r) >= 3, timeout=10)
     started = time.monotonic()
     refused = httpx.post(
         f"{fault_stack.base_url}/v1/messages", json=SHORT, headers={"x-api-key": key}, timeout=60
@@ -216,7 +223,7 @@ def test_full_queue_is_refused_at_once(fault_stack: Stack, key: str) -> None:
     assert statuses == [529, 529, 529]
     # Workers come back, find the queued jobs already settled, and skip them.
     _restart_workers(fault_stack)
-    wait_for(lambda: r.llen(MODEL) == 0, timeout=30)
+    wait_for(lambda: jobs_waiting(r) == 0, timeout=30)
     ok_request(fault_stack, key)
     books_are_straight(fault_stack)
 

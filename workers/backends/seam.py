@@ -119,6 +119,8 @@ class Submission:
     request_id: str
     input_ids: list[int]
     sampling: SamplingParams
+    # Whose request it is (the account): backends share their batch fairly between owners.
+    owner: str | None = None
 
 
 @dataclass(frozen=True)

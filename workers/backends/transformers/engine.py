@@ -12,7 +12,7 @@ import inspect
 import logging
 import os
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +57,7 @@ class _Sequence:
     output: list[int]  # the Generation's token_ids list, shared
     # KV positions it may come to hold: prompt + max_tokens, within the context window.
     reserve: int
+    owner: str  # whose request (its account): admission is fair between owners
 
 
 class _Batch:
@@ -96,6 +97,8 @@ class TransformersEngine:
     ) -> None:
         self.model_path = Path(model_path)
         self.max_batch = max_batch
+        # Rows a full batch may still take for owners with nothing running.
+        self.hard_max_batch = max_batch + max(1, max_batch // 4)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":
             # torch defaults to every physical core; a container may be allowed fewer. One core
@@ -183,6 +186,7 @@ class TransformersEngine:
             decoder=IncrementalDecoder(self.renderer.decode),
             stopper=StopMatcher(sampling.stop_sequences),
             reserve=min(len(submission.input_ids) + sampling.max_tokens, self.max_context),
+            owner=submission.owner or request_id,
         )
         problem = self._check_prompt(seq.prompt)
         if problem is not None:
@@ -289,15 +293,22 @@ class TransformersEngine:
         budget = PREFILL_TOKENS_PER_STEP
         rows = len(self._batch.seqs)
         width = max((s.reserve for s in self._batch.seqs), default=0)
-        while self._waiting and rows < self.max_batch:
-            seq = self._waiting[0]
+        running = Counter(s.owner for s in self._batch.seqs)
+        while self._waiting:
+            seq = min(self._waiting, key=lambda s: running[s.owner])  # first of the least served
+            # A full batch still takes a request whose owner has nothing running, up to
+            # `fair_extra` rows more: another account's first request does not wait for a
+            # flooding account's to end (docs/architecture.md, "Queueing").
+            if rows >= self.max_batch and (running[seq.owner] or rows >= self.hard_max_batch):
+                break
             if admitted and len(seq.prompt) > budget:
                 break
             if rows and (rows + 1) * max(width, seq.reserve) > self.kv_budget_tokens:
                 break
-            self._waiting.popleft()
+            self._waiting.remove(seq)
             budget -= len(seq.prompt)
             admitted.append(seq)
+            running[seq.owner] += 1
             rows, width = rows + 1, max(width, seq.reserve)
         return admitted
 
