@@ -74,7 +74,8 @@ class Conversation:
         return cls(system=system, turns=turns)
 
     def chars(self) -> int:
-        """Characters of client text in it (what tokenizing costs grows with)."""
+        """Characters of client text in it; JSON (tool definitions, call arguments) is not
+        counted, see `has_json`."""
         total = len(self.system or "")
         for turn in self.turns:
             for part in turn.parts:
@@ -82,11 +83,11 @@ class Conversation:
                     total += len(part)
                 elif isinstance(part, ToolResult):
                     total += len(part.content)
-                else:
-                    total += len(part.name) + len(str(part.arguments))
-        for tool in self.tools:
-            total += len(tool.name) + len(tool.description) + len(str(tool.input_schema))
         return total
+
+    def has_json(self) -> bool:
+        """Whether it holds tool definitions or tool calls (JSON of any size and depth)."""
+        return bool(self.tools) or any(t.calls() for t in self.turns)
 
 
 def _role(role: str) -> TurnRole:

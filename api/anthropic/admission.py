@@ -69,8 +69,8 @@ def tokenize(platform: Platform, spec: ModelSpec, conversation: Conversation) ->
 
 # A prompt up to this many characters is tokenized on the event loop (about 0.5 ms at most
 # here), where the hop to a worker thread and back took 2-3 ms under load
-# (docs/benchmarks.md); a longer one, or a model's first, whose tokenizer loads from disk,
-# in a worker thread.
+# (docs/benchmarks.md); a longer one, one with tools or tool calls (JSON), or a model's first,
+# whose tokenizer loads from disk, in a worker thread.
 INLINE_TOKENIZE_CHARS = 2048
 
 
@@ -78,7 +78,8 @@ async def tokenize_async(
     platform: Platform, spec: ModelSpec, body: ConversationRequest
 ) -> list[int]:
     conversation = conversation_of(body)
-    if spec.id in platform.loaded_tokenizers and conversation.chars() <= INLINE_TOKENIZE_CHARS:
+    small = not conversation.has_json() and conversation.chars() <= INLINE_TOKENIZE_CHARS
+    if spec.id in platform.loaded_tokenizers and small:
         return tokenize(platform, spec, conversation)
     ids = await run_in_threadpool(tokenize, platform, spec, conversation)
     platform.loaded_tokenizers.add(spec.id)

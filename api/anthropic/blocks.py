@@ -45,15 +45,17 @@ def _valid_unicode(text: str) -> str:
 
 
 def _valid_json_unicode(value: Any) -> Any:
-    if isinstance(value, str):
-        _valid_unicode(value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _valid_json_unicode(key)
-            _valid_json_unicode(item)
-    elif isinstance(value, list):
-        for item in value:
-            _valid_json_unicode(item)
+    # Iterative: client JSON may nest as deep as the parser allows.
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            _valid_unicode(item)
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
     return value
 
 

@@ -384,6 +384,10 @@ SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required"
             },
             "output_config.format: structured output together with tools the model may call",
         ),
+        (
+            {"output_config": {"format": {"type": "json_schema", "schema": {"$schema": 5}}}},
+            "output_config.format.schema: '$schema' must be a string",
+        ),
         ({"thinking": {"type": "enabled"}}, "thinking.budget_tokens: Field required"),
         (
             {"thinking": {"type": "enabled", "budget_tokens": 512}},
@@ -424,6 +428,20 @@ def test_schemas_are_checked_only_where_the_decoder_enforces_them() -> None:
     legacy = {"model": "m", "messages": USER_HI}
     legacy["output_format"] = {"type": "json_schema", "schema": SCHEMA}
     assert MessagesRequest.model_validate(legacy).output_format_schema() == SCHEMA
+
+
+def test_deep_json_is_checked_without_recursion() -> None:
+    depth = 900
+    deep = '{"a":' * depth + '"\\ud800"' + "}" * depth
+    raw = (
+        '{"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant","content":'
+        '[{"type":"tool_use","id":"t","name":"f","input":' + deep + "}]},"
+        '{"role":"user","content":"y"}]}'
+    )
+    with pytest.raises(ValidationError) as info:
+        MessagesRequest.model_validate(json.loads(raw))
+    message = format_validation_errors(info.value.errors())
+    assert message == "messages.1.content.0.input: unpaired UTF-16 surrogate at character 0"
 
 
 @pytest.mark.parametrize(
