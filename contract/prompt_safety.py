@@ -29,6 +29,9 @@ from tokenizers import Tokenizer
 
 from contract.json_schema_support import ANNOTATIONS, ENFORCED, REFUSED, TYPES
 
+# Any render's marks; a mark with another render's nonce is plain text (client text).
+_MARK = re.compile(r"\[@([0-9a-f]+):(\d+)@\[|\]@([0-9a-f]+):(\d+)@\]")
+
 # Keys of a JSON schema that are vocabulary, not client names: left unmarked so templates
 # can look them up. Everything else in a tool definition is client text.
 SCHEMA_KEYWORDS = ANNOTATIONS | ENFORCED | REFUSED | {"nullable", "discriminator"}
@@ -50,10 +53,6 @@ class ContentMarks:
     nonce: str = field(default_factory=lambda: secrets.token_hex(6))
     _strings: list[str] = field(default_factory=list)
     _index: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        n = re.escape(self.nonce)
-        self._pattern = re.compile(rf"\[@{n}:(\d+)@\[|\]@{n}:(\d+)@\]")
 
     def mark(self, text: str) -> str:
         """`text` with marks around everything but its outer whitespace."""
@@ -94,7 +93,15 @@ class ContentMarks:
 
     def clean(self, text: str) -> str:
         """`text` without marks (an error message that quotes client text)."""
-        return self._pattern.sub("", text)
+        return "".join(text for text, _ in self._segments(text, set()))
+
+    def _marks(self, rendered: str) -> Iterator[tuple[re.Match[str], tuple[bool, int]]]:
+        """This render's marks: (match, (is an opening mark, k))."""
+        for match in _MARK.finditer(rendered):
+            opening = match.group(1) is not None
+            nonce, k = match.group(1, 2) if opening else match.group(3, 4)
+            if nonce == self.nonce:
+                yield match, (opening, int(k))
 
     def split(self, rendered: str) -> MarkedText:
         """The rendered text without marks, and the ranges of client text in it."""
@@ -118,15 +125,11 @@ class ContentMarks:
         # Each stretch between two marks is judged by the marks around it alone.
         left: tuple[bool, int] | None = None  # (is an opening mark, k)
         pos = 0
-        for match in [*self._pattern.finditer(rendered), None]:
-            end = match.start() if match else len(rendered)
-            right = None
-            if match is not None:
-                opening = match.group(1) is not None
-                right = (opening, int(match.group(1) if opening else match.group(2)))
-                seen.add(right[1])
-            yield from self._stretch(rendered[pos:end], left, right)
-            pos, left = (match.end() if match else end), right
+        for match, right in self._marks(rendered):
+            seen.add(right[1])
+            yield from self._stretch(rendered[pos : match.start()], left, right)
+            pos, left = match.end(), right
+        yield from self._stretch(rendered[pos:], left, None)
 
     def _stretch(
         self, text: str, left: tuple[bool, int] | None, right: tuple[bool, int] | None
@@ -178,13 +181,21 @@ class SafeEncoder:
         # A second instance, so the flag never changes under a concurrent encode.
         self.plain = Tokenizer.from_str(tokenizer.to_str())
         self.plain.encode_special_tokens = True
-        self.special_ids = frozenset(
-            i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special
-        )
+        special = {i: t for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        self.special_ids = frozenset(special)
+        texts = sorted({t.content for t in special.values()}, key=len, reverse=True)
+        self._texts = re.compile("|".join(map(re.escape, texts))) if texts else None
+        self._longest = max(map(len, texts), default=0)
+        # A special token matched after normalization (NFKC, lowercasing) may not show in
+        # the raw text: then every encoding is checked token by token.
+        normalized = any(t.normalized for t in special.values())
+        self._raw_text_shows = tokenizer.normalizer is None or not normalized
 
     def encode(self, marked: MarkedText) -> list[int]:
         encoding = self.tokenizer.encode(marked.text, add_special_tokens=False)
         ids: list[int] = encoding.ids
+        if self._raw_text_shows and not self._may_hold_special(marked):
+            return list(ids)  # the common case, found without looking at every token
         specials = [
             (i, start, end)
             for i, (token, (start, end)) in enumerate(zip(ids, encoding.offsets, strict=True))
@@ -203,6 +214,17 @@ class SafeEncoder:
             pos = end
         out.extend(self.encode_plain(marked.text[pos:]))
         return out
+
+    def _may_hold_special(self, marked: MarkedText) -> bool:
+        """Whether special-token text is in or across the edge of a client range."""
+        if self._texts is None:
+            return False
+        reach = self._longest - 1
+        for start, end in marked.content:
+            near = self._texts.finditer(marked.text, max(0, start - reach), end + reach)
+            if any(m.start() < end and start < m.end() for m in near):
+                return True
+        return False
 
     def encode_plain(self, text: str) -> list[int]:
         """Token ids of `text` with no special tokens in them."""

@@ -180,7 +180,6 @@ class PromptRenderer:
             eos_ids.append(tokenizer_eos)
         # Any of these ends an assistant turn (stop_reason end_turn).
         self.eos_token_ids: list[int] = eos_ids
-        self.safe = SafeEncoder(tokenizer)
 
     @classmethod
     def from_folder(cls, path: Path | str) -> "PromptRenderer":
@@ -215,6 +214,11 @@ class PromptRenderer:
     @property
     def pad_token(self) -> str | None:
         return self.special_tokens.get("pad_token")
+
+    @cached_property
+    def safe(self) -> SafeEncoder:
+        """The encoder of prompts (built on first use: workers only decode)."""
+        return SafeEncoder(self.tokenizer)
 
     @cached_property
     def features(self) -> TemplateFeatures:

@@ -57,6 +57,10 @@ def test_equal_strings_get_equal_marks_and_a_nonce_per_render() -> None:
     marks = ContentMarks()
     assert marks.mark("city") == marks.mark("city") != marks.mark("town")
     assert ContentMarks().mark("city") != marks.mark("city")
+    # A client who writes a mark writes text: another render's nonce is not this one's.
+    fake = ContentMarks().mark("x")
+    marked = marks.split(marks.mark(f"a {fake} b"))
+    assert marked.text == f"a {fake} b" and marked.content == [(0, len(marked.text))]
 
 
 def test_a_cut_mark_keeps_the_client_text_that_matches_the_original() -> None:
@@ -165,3 +169,16 @@ def test_encoder_never_changes_the_shared_tokenizer(default_model_dir: Path) -> 
     assert encoder.plain.encode_special_tokens and not tokenizer.encode_special_tokens
     assert tokenizer.encode("<|start|>", add_special_tokens=False).ids == [3]
     assert 3 not in encoder.encode_plain("<|start|>")
+
+
+def test_a_special_token_matched_after_normalization_is_caught(default_model_dir: Path) -> None:
+    from tokenizers import AddedToken, normalizers
+
+    tokenizer = Tokenizer.from_file(str(default_model_dir / "tokenizer.json"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.add_special_tokens([AddedToken("<|magic|>", special=True, normalized=True)])
+    magic = tokenizer.token_to_id("<|magic|>")
+    assert magic in tokenizer.encode("<|MAGIC|>", add_special_tokens=False).ids
+    renderer = PromptRenderer(tokenizer, "{{ messages[0].content }}<|magic|>", {})
+    ids = renderer.prompt(Conversation.of_text(None, [("user", "say <|MAGIC|>")])).ids
+    assert ids.count(magic) == 1 and ids[-1] == magic  # the template's own, not the user's
