@@ -277,13 +277,6 @@ def _flat(block: TextBlockParam | DocumentBlockParam | SearchResultBlockParam) -
     return block.text if isinstance(block, TextBlockParam) else block.flat_text()
 
 
-def flat_text(block: AnyBlockParam) -> str:
-    """The text a block puts into the prompt ("" for tool calls, results and thinking)."""
-    if isinstance(block, TextBlockParam | DocumentBlockParam | SearchResultBlockParam):
-        return _flat(block)
-    return ""
-
-
 def has_content(block: AnyBlockParam) -> bool:
     """Whether a block counts as content (an empty text block does not)."""
     return not isinstance(block, TextBlockParam) or bool(block.text)

@@ -38,7 +38,6 @@ from api.anthropic.blocks import (
     TextBlockParam,
     ToolUseBlockParam,
     WireModel,
-    flat_text,
     has_content,
     text_or_blocks,
 )
@@ -71,10 +70,6 @@ class MessageParam(WireModel):
 
     role: Role
     content: Annotated[list[ContentBlockParam], BeforeValidator(text_or_blocks)]
-
-    def text(self) -> str:
-        """The text the turn puts into the prompt, tool calls and results left out."""
-        return BLOCK_SEPARATOR.join(t for t in (flat_text(b) for b in self.content) if t)
 
     def has_content(self) -> bool:
         return any(has_content(block) for block in self.content)
