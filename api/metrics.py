@@ -146,7 +146,8 @@ class RequestMeter:
     def __init__(
         self, catalog: Catalog, principal: Principal, model: str, request_id: str, stream: bool
     ) -> None:
-        self.model = model if catalog.get(model) is not None else UNKNOWN_MODEL
+        spec = catalog.resolve(model)
+        self.model = spec.id if spec is not None else UNKNOWN_MODEL
         self.requested_model = model[:256]
         self.principal = principal
         self.request_id = request_id

@@ -3,6 +3,7 @@
 Torch-free: the API reads it to validate requests and price them; workers read it to load models.
 """
 
+import fnmatch
 import json
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -34,6 +35,10 @@ class ModelSpec(BaseModel):
     # The engine that serves it.
     backend: BackendName = "transformers"
     created_at: datetime = datetime(2026, 1, 1, tzinfo=UTC)
+    # Other model ids clients may send for this model: exact ids, or glob patterns such as
+    # "claude-*" (fnmatch: * ? [seq]). None by default; an operator adds them so that a
+    # client's built-in model ids (Claude Code's) run on a served model.
+    aliases: list[str] = Field(default_factory=list)
 
     def path(self, models_dir: Path) -> Path:
         folder = Path(self.folder)
@@ -52,14 +57,36 @@ DEFAULT_MODEL = ModelSpec(
 )
 
 
+_GLOB_CHARS = frozenset("*?[")
+
+
 class Catalog:
     """Models by id, in listing order (newest first as Anthropic lists them)."""
 
     def __init__(self, models: list[ModelSpec]) -> None:
         self._models = {m.id: m for m in models}
+        self._exact: dict[str, ModelSpec] = {}
+        self._patterns: list[tuple[str, ModelSpec]] = []
+        for spec in self._models.values():
+            for alias in spec.aliases:
+                if _GLOB_CHARS & set(alias):
+                    self._patterns.append((alias, spec))
+                elif alias in self._models or self._exact.get(alias, spec) is not spec:
+                    raise ValueError(f"model alias {alias!r} of {spec.id} names another model")
+                else:
+                    self._exact[alias] = spec
 
     def get(self, model_id: str) -> ModelSpec | None:
+        """The model with this exact id."""
         return self._models.get(model_id)
+
+    def resolve(self, model_id: str) -> ModelSpec | None:
+        """The model a client's id names: its own id, then an exact alias, then the first
+        glob pattern that matches (in catalogue order)."""
+        spec = self._models.get(model_id) or self._exact.get(model_id)
+        if spec is not None:
+            return spec
+        return next((s for p, s in self._patterns if fnmatch.fnmatchcase(model_id, p)), None)
 
     def all(self) -> list[ModelSpec]:
         return sorted(self._models.values(), key=lambda m: (m.created_at, m.id), reverse=True)

@@ -182,6 +182,8 @@ def first_problem(schema: object) -> SchemaProblem | None:
     """The first reason `schema` cannot be enforced (invalid, or an unsupported keyword)."""
     if not isinstance(schema, dict | bool):
         return SchemaProblem("type", "", "a JSON schema must be an object or a boolean")
+    if isinstance(schema, dict) and not isinstance(schema.get("$schema", ""), str):
+        return SchemaProblem("$schema", "", "'$schema' must be a string (a dialect's URI)")
     invalid = _metaschema_problem(schema)
     if invalid is not None:
         return invalid

@@ -1,13 +1,17 @@
 """Prompt rendering and token counting from a model folder, without torch or transformers.
 
-The API process counts input tokens with this and the worker decodes with it, so both agree on
-exactly the ids that `transformers`' `apply_chat_template` would produce for the same folder.
+The API process renders and counts a request's prompt with this and the worker decodes it, so
+both agree on exactly the ids the model reads: for ordinary text, the ids `transformers`'
+`apply_chat_template` would produce for the same folder. Client text never becomes special
+tokens (contract.prompt_safety); a template that refuses a conversation raises
+`TemplateRejected` with its message (the API answers 400).
 """
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,11 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+
+from contract.chat_messages import template_input
+from contract.conversation import Conversation
+from contract.prompt_safety import ContentMarks, MarkedText, SafeEncoder
+from contract.template_features import TemplateFeatures, probe_features
 
 # The special tokens transformers hands to chat templates as variables (its `special_tokens_map`).
 TEMPLATE_TOKEN_NAMES = (
@@ -125,6 +134,29 @@ def _as_id_list(value: Any) -> list[int]:
     return []
 
 
+class TemplateRejected(ValueError):
+    """The chat template refused the conversation (a role or an order it does not take)."""
+
+
+# What a template may raise on a conversation it does not take; anything else is a bug here.
+_TEMPLATE_ERRORS = (
+    jinja2.exceptions.TemplateError,
+    TypeError,
+    ValueError,
+    LookupError,
+    AttributeError,
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered conversation: what the model reads."""
+
+    text: str
+    ids: list[int]  # client text holds no special-token ids
+    content: list[tuple[int, int]]  # [start, end) character ranges of client text in `text`
+
+
 class PromptRenderer:
     """A model folder's chat template and tokenizer: renders, encodes, counts and decodes."""
 
@@ -183,48 +215,93 @@ class PromptRenderer:
     def pad_token(self) -> str | None:
         return self.special_tokens.get("pad_token")
 
-    def render(self, system: str | None, messages: Sequence[tuple[str, str]]) -> str:
-        """The prompt text for a conversation, ready for the assistant's next turn.
+    @cached_property
+    def safe(self) -> SafeEncoder:
+        """The encoder of prompts (built on first use: workers only decode)."""
+        return SafeEncoder(self.tokenizer)
 
-        A trailing assistant message is a prefill: it stays open for the model to continue.
+    @cached_property
+    def features(self) -> TemplateFeatures:
+        """How tools go into this template's prompts (probed once)."""
+        return probe_features(self.chat_template, self._template, self.special_tokens)
+
+    def prompt(self, conversation: Conversation) -> Prompt:
+        """The prompt for a conversation, ready for the assistant's next turn.
+
+        A trailing assistant turn is a prefill: it stays open for the model to continue. A
+        `system` turn inside the conversation stays where it is if the template renders it
+        there, else it joins the system prompt. Raises TemplateRejected.
         """
-        chat = [{"role": role, "content": text} for role, text in messages]
-        if system is not None:
-            chat.insert(0, {"role": "system", "content": system})
-        prefill = bool(chat) and chat[-1]["role"] == "assistant"
-        if prefill and not chat[-1]["content"].strip():
-            # Nothing to continue: an empty prefill is the same as a fresh assistant turn.
-            chat.pop()
-            prefill = False
-        if not prefill:
-            return self._render(chat, add_generation_prompt=True)
-        chat[-1]["content"] += _CONTINUE_TAG
-        rendered = self._render(chat, add_generation_prompt=False)
+        marked = self._marked(conversation)
+        return Prompt(marked.text, self.safe.encode(marked), marked.content)
+
+    def render_conversation(self, conversation: Conversation) -> str:
+        """The prompt's text (what `prompt` encodes)."""
+        return self._marked(conversation).text
+
+    def render(self, system: str | None, messages: Sequence[tuple[str, str]]) -> str:
+        """The prompt text of a plain-text conversation of (role, text) turns."""
+        return self.render_conversation(Conversation.of_text(system, list(messages)))
+
+    def _marked(self, conversation: Conversation) -> MarkedText:
+        inner_system = [t.text().strip() for t in conversation.turns if t.role == "system"]
+        if inner_system:
+            marks = ContentMarks()
+            try:
+                marked = self._render_marked(conversation, marks, system_in_place=True)
+            except TemplateRejected:
+                pass
+            else:
+                if {marks.index(text) for text in inner_system if text} <= marked.seen:
+                    return marked
+        return self._render_marked(conversation, ContentMarks(), system_in_place=False)
+
+    def _render_marked(
+        self, conversation: Conversation, marks: ContentMarks, *, system_in_place: bool
+    ) -> MarkedText:
+        given = template_input(conversation, self.features, marks, system_in_place=system_in_place)
+        chat, tools = given.messages, given.tools
+        if not given.prefill:
+            return marks.split(self._apply(chat, tools, conversation.thinking, marks, True))
+        chat[-1] = {**chat[-1], "content": chat[-1]["content"] + _CONTINUE_TAG}
+        rendered = self._apply(chat, tools, conversation.thinking, marks, False)
         tag = _CONTINUE_TAG.strip()
         if tag not in rendered:
-            raise ValueError("the chat template dropped the final assistant message")
+            raise TemplateRejected("the chat template dropped the final assistant message")
         cut = rendered.rindex(tag)
         if rendered[cut : cut + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
-            return rendered[:cut]
+            return marks.split(rendered[:cut])
         # The template trimmed the tag's trailing space, so it may trim the message too.
-        return rendered[:cut].rstrip()
+        return marks.split(rendered[:cut].rstrip())
 
-    def _render(self, chat: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
-        return self._template.render(
-            messages=chat,
-            tools=None,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **self.special_tokens,
-        )
+    def _apply(
+        self,
+        chat: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        thinking: bool,
+        marks: ContentMarks,
+        add_generation_prompt: bool,
+    ) -> str:
+        try:
+            return self._template.render(
+                messages=chat,
+                tools=tools,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                enable_thinking=thinking,
+                **self.special_tokens,
+            )
+        except _TEMPLATE_ERRORS as exc:
+            raise TemplateRejected(marks.clean(str(exc)) or type(exc).__name__) from None
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of rendered text; special tokens come from the template, none are added."""
+        """Token ids of trusted text as it is: special-token text becomes special tokens, none
+        are added. Client text goes through `prompt`."""
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def count(self, system: str | None, messages: Sequence[tuple[str, str]]) -> int:
-        """Input tokens of a conversation."""
-        return len(self.encode(self.render(system, messages)))
+        """Input tokens of a plain-text conversation."""
+        return len(self.prompt(Conversation.of_text(system, list(messages))).ids)
 
     def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
         """Text of token ids; special tokens (markers, eos) are left out by default."""

@@ -41,15 +41,28 @@ def call_prefix(name: str) -> str:
     return f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(name)}, "arguments": '
 
 
-def render_tool_call(name: str, arguments: Mapping[str, Any]) -> str:
-    """An earlier assistant `tool_use` block, written as the model writes calls."""
+def _same(text: str) -> str:
+    return text
+
+
+def render_tool_call(
+    name: str, arguments: Mapping[str, Any], *, quote: Callable[[str], str] = _same
+) -> str:
+    """An earlier assistant `tool_use` block, written as the model writes calls.
+
+    `quote` wraps the client's parts (the name and the arguments' JSON); the prompt renderer
+    marks them with it so they never become special tokens.
+    """
     args = json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
-    return call_prefix(name) + args + CALL_SUFFIX
+    head = f'{TOOL_CALL_OPEN}\n{{"name": {quote(json.dumps(name))}, "arguments": '
+    return head + quote(args) + CALL_SUFFIX
 
 
-def render_tool_result(content: str, *, is_error: bool = False) -> str:
-    """A user `tool_result` block, as text for the user turn."""
-    body = f"Error: {content}" if is_error else content
+def render_tool_result(
+    content: str, *, is_error: bool = False, quote: Callable[[str], str] = _same
+) -> str:
+    """A user `tool_result` block, as text for the user turn (`quote` wraps the content)."""
+    body = f"Error: {quote(content)}" if is_error else quote(content)
     return f"<tool_response>\n{body}\n</tool_response>"
 
 
@@ -62,12 +75,15 @@ class ToolSpec:
     description: str = ""
 
 
-def render_tools_prompt(tools: Sequence[ToolSpec]) -> str:
-    """The system-prompt section that describes the tools and the call format."""
+def render_tools_prompt(tools: Sequence[ToolSpec], *, quote: Callable[[str], str] = _same) -> str:
+    """The system-prompt section that describes the tools and the call format (`quote` wraps
+    each tool's JSON line)."""
     lines = [
-        json.dumps(
-            {"name": t.name, "description": t.description, "input_schema": t.input_schema},
-            ensure_ascii=False,
+        quote(
+            json.dumps(
+                {"name": t.name, "description": t.description, "input_schema": t.input_schema},
+                ensure_ascii=False,
+            )
         )
         for t in tools
     ]

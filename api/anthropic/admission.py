@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fastapi.concurrency import run_in_threadpool
 
-from api.anthropic.convert import sampling_params
+from api.anthropic.convert import conversation_of, sampling_params, thinking_budget, tool_use
 from api.anthropic.protocol import ConversationRequest, MessagesRequest
 from api.credentials import Principal
 from api.errors import (
@@ -26,7 +26,9 @@ from api.platform import Platform
 from api.ratelimit import Cost, Limits, RateLimiter, Ticket
 from api.response_headers import ResponseHeaders
 from contract.catalog import ModelSpec
+from contract.conversation import Conversation
 from contract.jobs import GenerateJob
+from contract.rendering import TemplateRejected
 from db.ledger import AccountUnavailable, InsufficientCredits, NewRequest, open_request
 from db.pricing import cost_usd, credits_for
 from db.session import in_autocommit
@@ -48,34 +50,38 @@ class Admitted:
 
 
 def resolve_model(platform: Platform, model_id: str) -> ModelSpec:
-    spec = platform.catalog.get(model_id)
+    """The served model for a client's model id (an id or one of its aliases), else a 404."""
+    spec = platform.catalog.resolve(model_id)
     if spec is None:
         raise NotFoundError(f"model: {model_id}")
     return spec
 
 
-def tokenize(platform: Platform, spec: ModelSpec, body: ConversationRequest) -> list[int]:
-    renderer = platform.renderer(spec)
-    return renderer.encode(renderer.render(body.system_text(), body.conversation()))
+def tokenize(platform: Platform, spec: ModelSpec, conversation: Conversation) -> list[int]:
+    """The prompt's token ids, exactly what the worker decodes; 400 if the template refuses."""
+    try:
+        return platform.renderer(spec).prompt(conversation).ids
+    except TemplateRejected as exc:
+        raise InvalidRequestError(
+            f"messages: the chat template of {spec.id} does not take this conversation: {exc}"
+        ) from None
 
 
 # A prompt up to this many characters is tokenized on the event loop (about 0.5 ms at most
 # here), where the hop to a worker thread and back took 2-3 ms under load
-# (docs/benchmarks.md); a longer one, or a model's first, whose tokenizer loads from disk,
-# in a worker thread.
+# (docs/benchmarks.md); a longer one, one with tools or tool calls (JSON), or a model's first,
+# whose tokenizer loads from disk, in a worker thread.
 INLINE_TOKENIZE_CHARS = 2048
-
-
-def prompt_chars(body: ConversationRequest) -> int:
-    return len(body.system_text() or "") + sum(len(text) for _, text in body.conversation())
 
 
 async def tokenize_async(
     platform: Platform, spec: ModelSpec, body: ConversationRequest
 ) -> list[int]:
-    if spec.id in platform.loaded_tokenizers and prompt_chars(body) <= INLINE_TOKENIZE_CHARS:
-        return tokenize(platform, spec, body)
-    ids = await run_in_threadpool(tokenize, platform, spec, body)
+    conversation = conversation_of(body)
+    small = not conversation.has_json() and conversation.chars() <= INLINE_TOKENIZE_CHARS
+    if spec.id in platform.loaded_tokenizers and small:
+        return tokenize(platform, spec, conversation)
+    ids = await run_in_threadpool(tokenize, platform, spec, conversation)
     platform.loaded_tokenizers.add(spec.id)
     return ids
 
@@ -156,6 +162,9 @@ async def admit(
         model=spec.id,
         input_ids=input_ids,
         sampling=sampling_params(body, max_tokens),
+        tool_use=tool_use(body),
+        output_schema=body.output_format_schema(),
+        thinking_budget=thinking_budget(body, max_tokens),
         account_id=principal.account_id,
         key_prefix=principal.key_prefix,
     )

@@ -7,8 +7,16 @@ from decimal import Decimal
 from typing import Any
 
 from api.anthropic import sse
+from api.anthropic.blocks import (
+    DocumentBlockParam,
+    SearchResultBlockParam,
+    TextBlockParam,
+    ToolResultBlockParam,
+    ToolUseBlockParam,
+)
 from api.anthropic.protocol import (
     ContentBlock,
+    ConversationRequest,
     MessageResponse,
     MessagesRequest,
     ModelInfo,
@@ -19,9 +27,12 @@ from api.anthropic.protocol import (
     Usage,
 )
 from api.errors import InvalidRequestError
+from contract import jobs
 from contract.catalog import ModelSpec
+from contract.conversation import Conversation, ToolCall, ToolResult, Turn, TurnPart
 from contract.events import BlockStartEvent, ContentEvent, DeltaEvent, DoneEvent
 from contract.jobs import SamplingParams
+from contract.toolcalls import ToolSpec
 
 DEFAULT_PAGE_LIMIT = 20
 MAX_PAGE_LIMIT = 1000
@@ -41,6 +52,58 @@ def sampling_params(request: MessagesRequest, max_tokens: int) -> SamplingParams
         top_k=request.top_k,
         stop_sequences=list(request.stop_sequences or []),
     )
+
+
+def conversation_of(request: ConversationRequest) -> Conversation:
+    """What the prompt is rendered from: consecutive messages of one role merged into one turn,
+    documents and search results flattened to text, thinking left out."""
+    called: dict[str, str] = {}  # tool_use id -> the tool's name, for later results
+    turns: list[Turn] = []
+    for message in request.messages:
+        parts: list[TurnPart] = []
+        for block in message.content:
+            if isinstance(block, TextBlockParam) and block.text:
+                parts.append(block.text)
+            elif isinstance(block, DocumentBlockParam | SearchResultBlockParam):
+                parts.append(block.flat_text())
+            elif isinstance(block, ToolUseBlockParam):
+                called[block.id] = block.name
+                parts.append(ToolCall(block.id, block.name, block.input))
+            elif isinstance(block, ToolResultBlockParam):
+                name = called.get(block.tool_use_id)
+                text = block.content_text()
+                parts.append(ToolResult(block.tool_use_id, text, bool(block.is_error), name))
+        if turns and turns[-1].role == message.role:
+            turns[-1].parts.extend(parts)
+        else:
+            turns.append(Turn(message.role, parts))
+    tools = [ToolSpec(t.name, t.input_schema, t.description or "") for t in request.tools or []]
+    thinking = request.thinking is not None and request.thinking.on
+    return Conversation(request.system_text(), turns, tools, thinking)
+
+
+def tool_use(request: ConversationRequest) -> jobs.ToolUse | None:
+    """The job's tools and tool choice (None without tools)."""
+    if not request.tools:
+        return None
+    choice = request.tool_choice
+    return jobs.ToolUse(
+        tools=[jobs.ToolSpec(name=t.name, input_schema=t.input_schema) for t in request.tools],
+        choice=choice.type if choice else "auto",
+        name=choice.name if choice and choice.type == "tool" else None,
+        parallel=not (choice and choice.disable_parallel_tool_use),
+    )
+
+
+def thinking_budget(request: MessagesRequest, max_tokens: int) -> int | None:
+    """At most this many tokens of thinking: the budget asked for (enabled) within max_tokens,
+    all of max_tokens (adaptive: the model decides), or None (no thinking)."""
+    thinking = request.thinking
+    if thinking is None or not thinking.on:
+        return None
+    if thinking.budget_tokens is None:
+        return max_tokens
+    return max(1, min(thinking.budget_tokens, max_tokens - 1))
 
 
 class ContentAssembler:
@@ -71,6 +134,26 @@ class ContentAssembler:
                 out.append(TextBlock(text=text))
         # Never empty, so `message.content[0].text` works for clients of an empty answer.
         return out or [TextBlock(text="")]
+
+
+class ThinkingSignatures:
+    """The thinking text of a stream's open thinking blocks, for the `signature_delta` that
+    closes each (the same signature the non-streamed Message carries)."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, list[str]] = {}
+
+    def add(self, event: BlockStartEvent | DeltaEvent) -> None:
+        if isinstance(event, BlockStartEvent):
+            if event.block_type == "thinking":
+                self._open[event.block] = []
+        elif event.block in self._open:
+            self._open[event.block].append(event.text)
+
+    def closing(self, block: int) -> str | None:
+        """The signature of `block` if it is a thinking block (it is forgotten then)."""
+        parts = self._open.pop(block, None)
+        return None if parts is None else thinking_signature("".join(parts))
 
 
 def block_opening(start: BlockStartEvent) -> dict[str, Any]:

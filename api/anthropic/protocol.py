@@ -2,12 +2,18 @@
 
 Validation policy, chosen for compatibility with real clients:
 - Unknown fields are ignored, at the top level and inside messages and blocks: SDKs and
-  Claude-style clients keep adding fields (`service_tier`, `output_config`, `cache_control`, ...).
-- What we cannot honour is rejected with a 400 rather than silently dropped: a non-empty `tools`
-  list, a `tool_choice` that forces a tool call (`any`/`tool`), `thinking` of type `enabled`,
-  and every content block whose type is not `text` (the models served are text-only).
-  `thinking: {"type": "adaptive"}` and `{"type": "disabled"}` are accepted: never thinking is
-  a valid adaptive choice.
+  Claude-style clients keep adding fields. Hints are accepted and change nothing:
+  `output_config.effort`, `context_management`, `cache_control` (anywhere), `service_tier`,
+  `metadata`, `container`, `speed`, `inference_geo`, the `anthropic-beta` header, `?beta=true`.
+- What changes what the output must be is honoured or refused with a 400 that says what is not
+  supported, never silently dropped: custom tools and every `tool_choice` (server tools are
+  refused naming their type), `output_config.format` / `output_format` (structured output),
+  `thinking` (enabled, adaptive, disabled), `mcp_servers` (refused). Schemas the decoder must
+  enforce are checked first (api/anthropic/output_params.py). Content blocks: see
+  api/anthropic/blocks.py (images and non-text documents are refused: text-only models).
+- Roles: `user`, `assistant`, and `system` inside `messages` (SDK2's SystemMessageParam, sent
+  by Claude Code): text only; rendered as a system turn where it is if the chat template takes
+  that, else appended to the system prompt (contract/rendering.py).
 - Per the seed, `max_tokens` is optional (the route fills a default) and `temperature` is 0-2.
 - `stop_sequences`: at most 32 entries, each 1-256 characters (the engine matches them per step).
 - Consecutive messages with the same role are merged into one turn, as the current API does.
@@ -22,113 +28,76 @@ messages as they are.
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    field_serializer,
-    field_validator,
-    model_validator,
-)
+from pydantic import BeforeValidator, Field, field_serializer, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from api.anthropic.blocks import (
+    ROLE_BLOCKS,
+    ContentBlockParam,
+    SystemBlockParam,
+    TextBlockParam,
+    ToolUseBlockParam,
+    WireModel,
+    has_content,
+    text_or_blocks,
+)
+from api.anthropic.output_params import (
+    JsonSchemaFormat,
+    OutputConfigParam,
+    ThinkingParam,
+    ToolChoiceParam,
+    ToolParam,
+    schema_problem,
+    tools_problem,
+)
+from contract.conversation import BLOCK_SEPARATOR
 
 MAX_STOP_SEQUENCES = 32
 MAX_STOP_SEQUENCE_CHARS = 256
-BLOCK_SEPARATOR = "\n\n"  # joins text blocks of one turn, and merged consecutive turns
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
-Role = Literal["user", "assistant"]
-
-
-class _WireModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+Role = Literal["user", "assistant", "system"]
 
 # ---------------------------------------------------------------------------- request side
-
-
-def _valid_unicode(text: str) -> str:
-    # JSON may spell a lone UTF-16 surrogate ("\\ud800"); no tokenizer or encoder accepts one.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise PydanticCustomError(
-            "unicode", "unpaired UTF-16 surrogate at character {index}", {"index": exc.start}
-        ) from None
-    return text
-
-
-class TextBlockParam(_WireModel):
-    """`{"type": "text", "text": ...}`; `cache_control` and `citations` are accepted and ignored."""
-
-    type: Literal["text"]
-    text: Annotated[str, AfterValidator(_valid_unicode)]
-
-
-def _check_block_type(value: Any) -> Any:
-    # The `type` tag picks the block model; naming unsupported types beats a generic tag error.
-    if not isinstance(value, dict):
-        raise PydanticCustomError("block_type", "content blocks must be JSON objects")
-    block_type = value.get("type")
-    if isinstance(block_type, str) and block_type != "text":
-        raise PydanticCustomError(
-            "unsupported_block",
-            'content block type "{block_type}" is not supported (this model accepts text only)',
-            {"block_type": block_type},
-        )
-    return value
-
-
-# A discriminated union on `type` with one supported member; add members here as models grow.
-ContentBlockParam = Annotated[TextBlockParam, BeforeValidator(_check_block_type)]
-
-
-def _text_or_blocks(value: Any) -> Any:
-    if isinstance(value, str):
-        return [{"type": "text", "text": value}]
-    if not isinstance(value, list):
-        raise PydanticCustomError(
-            "content_type", "Input should be a string or a list of content blocks"
-        )
-    return value
 
 
 def _join(blocks: list[TextBlockParam]) -> str:
     return BLOCK_SEPARATOR.join(b.text for b in blocks if b.text)
 
 
-class MessageParam(_WireModel):
+class MessageParam(WireModel):
     """One turn; a string `content` arrives here as a single text block."""
 
     role: Role
-    content: Annotated[list[ContentBlockParam], BeforeValidator(_text_or_blocks)]
+    content: Annotated[list[ContentBlockParam], BeforeValidator(text_or_blocks)]
 
-    def text(self) -> str:
-        return _join(self.content)
+    def has_content(self) -> bool:
+        return any(has_content(block) for block in self.content)
 
 
-class Metadata(_WireModel):
+class Metadata(WireModel):
     user_id: str | None = Field(default=None, max_length=256)
 
 
-def _unsupported(kind: str) -> PydanticCustomError:
-    return PydanticCustomError(
-        "unsupported", "{kind} is not supported by this model", {"kind": kind}
-    )
+def _request_error(message: str) -> PydanticCustomError:
+    # Raised at the root with the path in the message (api.errors prints it as it is).
+    return PydanticCustomError("invalid_request", "{message}", {"message": message})
 
 
-class ConversationRequest(_WireModel):
+class ConversationRequest(WireModel):
     """Fields shared by /v1/messages and /v1/messages/count_tokens."""
 
     model: str = Field(max_length=256)
     messages: list[MessageParam]
-    system: Annotated[list[ContentBlockParam], BeforeValidator(_text_or_blocks)] | None = None
-    # Declared only to be refused when they ask for something we cannot do.
-    tools: list[Any] | None = Field(default=None, exclude=True)
-    tool_choice: dict[str, Any] | None = Field(default=None, exclude=True)
-    thinking: dict[str, Any] | None = Field(default=None, exclude=True)
+    system: Annotated[list[SystemBlockParam], BeforeValidator(text_or_blocks)] | None = None
+    tools: list[ToolParam] | None = None
+    tool_choice: ToolChoiceParam | None = None
+    thinking: ThinkingParam | None = None
+    output_config: OutputConfigParam | None = None
+    # The older spelling of output_config.format.
+    output_format: JsonSchemaFormat | None = None
+    # Declared only to be refused: MCP servers would add tools that run elsewhere.
+    mcp_servers: list[Any] | None = Field(default=None, exclude=True)
 
     @field_validator("messages")
     @classmethod
@@ -137,56 +106,84 @@ class ConversationRequest(_WireModel):
             raise PydanticCustomError("too_short", "at least one message is required")
         return messages
 
-    @field_validator("tools")
+    @field_validator("mcp_servers")
     @classmethod
-    def _no_tools(cls, tools: list[Any] | None) -> list[Any] | None:
-        if tools:
-            raise _unsupported("tool use")
-        return tools
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_forced_tool(cls, choice: dict[str, Any] | None) -> dict[str, Any] | None:
-        if choice and choice.get("type") in ("any", "tool"):
-            raise _unsupported("tool use")
-        return choice
-
-    @field_validator("thinking")
-    @classmethod
-    def _no_thinking(cls, thinking: dict[str, Any] | None) -> dict[str, Any] | None:
-        if thinking and thinking.get("type") == "enabled":
-            raise _unsupported("extended thinking")
-        return thinking
+    def _no_mcp(cls, servers: list[Any] | None) -> list[Any] | None:
+        if servers:
+            raise PydanticCustomError(
+                "unsupported", "the MCP connector is not supported by this platform"
+            )
+        return servers
 
     @model_validator(mode="after")
-    def _non_empty_content(self) -> "ConversationRequest":
+    def _check_messages(self) -> "ConversationRequest":
         last = len(self.messages) - 1
         for index, message in enumerate(self.messages):
-            if message.text() or (index == last and message.role == "assistant"):
+            for at, block in enumerate(message.content):
+                if block.type not in ROLE_BLOCKS[message.role]:
+                    raise _request_error(
+                        f"messages.{index}.content.{at}: {block.type} blocks are not allowed"
+                        f" in {message.role} messages"
+                    )
+            if message.has_content() or (index == last and message.role == "assistant"):
                 continue
-            raise PydanticCustomError(
-                "empty_content",
-                "messages.{index}: all messages must have non-empty content"
-                " except for the optional final assistant message",
-                {"index": index},
+            raise _request_error(
+                f"messages.{index}: all messages must have non-empty content"
+                " except for the optional final assistant message"
+            )
+        final = self.messages[last]
+        if final.role == "assistant" and any(
+            isinstance(b, ToolUseBlockParam) for b in final.content
+        ):
+            raise _request_error(
+                f"messages.{last}: a final assistant message is continued (a prefill) and"
+                " cannot hold tool_use blocks; send their tool_result blocks in a user message"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_output(self) -> "ConversationRequest":
+        problem = tools_problem(self.tools or [], self.tool_choice)
+        thinking = self.thinking
+        if (
+            problem is None
+            and thinking
+            and thinking.type == "enabled"
+            and not thinking.budget_tokens
+        ):
+            problem = 'thinking.budget_tokens: Field required (thinking type "enabled")'
+        if problem is None:
+            problem = self._format_problem()
+        if problem is not None:
+            raise _request_error(problem)
+        return self
+
+    def _format_problem(self) -> str | None:
+        config_format = self.output_config.format if self.output_config else None
+        if config_format is not None and self.output_format is not None:
+            return "output_format: send either output_format or output_config.format, not both"
+        where = "output_config.format" if config_format is not None else "output_format"
+        output = self.output_format_schema()
+        if output is None:
+            return None
+        callable_tools = self.tools and not (self.tool_choice and self.tool_choice.type == "none")
+        if callable_tools:
+            return (
+                f"{where}: structured output together with tools the model may call is not"
+                ' supported; send tool_choice {"type": "none"}, or no tools'
+            )
+        problem = schema_problem(output)
+        return None if problem is None else f"{where}.schema: {problem}"
+
+    def output_format_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the whole answer must match (structured output), or None."""
+        chosen = self.output_config.format if self.output_config else None
+        chosen = chosen or self.output_format
+        return chosen.json_schema if chosen is not None else None
 
     def system_text(self) -> str | None:
         """The system prompt as one string, or None when absent or empty."""
         return _join(self.system) if self.system else None
-
-    def conversation(self) -> list[tuple[Role, str]]:
-        """(role, text) turns with consecutive same-role messages merged."""
-        turns: list[tuple[Role, str]] = []
-        for message in self.messages:
-            text = message.text()
-            if turns and turns[-1][0] == message.role:
-                previous = turns[-1][1]
-                turns[-1] = (message.role, BLOCK_SEPARATOR.join(t for t in (previous, text) if t))
-            else:
-                turns.append((message.role, text))
-        return turns
 
 
 class MessagesRequest(ConversationRequest):
@@ -202,6 +199,16 @@ class MessagesRequest(ConversationRequest):
     stream: bool = False
     metadata: Metadata | None = None
 
+    @model_validator(mode="after")
+    def _budget_below_max_tokens(self) -> "MessagesRequest":
+        budget = self.thinking.budget_tokens if self.thinking else None
+        if budget is not None and self.max_tokens is not None and self.max_tokens <= budget:
+            raise _request_error(
+                f"thinking.budget_tokens: `max_tokens` must be greater than"
+                f" `thinking.budget_tokens` ({self.max_tokens} <= {budget})"
+            )
+        return self
+
 
 class CountTokensRequest(ConversationRequest):
     """POST /v1/messages/count_tokens body; generation fields, if sent, are ignored."""
@@ -210,19 +217,19 @@ class CountTokensRequest(ConversationRequest):
 # --------------------------------------------------------------------------- response side
 
 
-class TextBlock(_WireModel):
+class TextBlock(WireModel):
     type: Literal["text"] = "text"
     text: str
 
 
-class ToolUseBlock(_WireModel):
+class ToolUseBlock(WireModel):
     type: Literal["tool_use"] = "tool_use"
     id: str
     name: str
     input: dict[str, Any]
 
 
-class ThinkingBlock(_WireModel):
+class ThinkingBlock(WireModel):
     type: Literal["thinking"] = "thinking"
     thinking: str
     signature: str
@@ -231,7 +238,7 @@ class ThinkingBlock(_WireModel):
 ContentBlock = Annotated[TextBlock | ToolUseBlock | ThinkingBlock, Field(discriminator="type")]
 
 
-class Usage(_WireModel):
+class Usage(WireModel):
     input_tokens: int
     output_tokens: int
     cache_creation_input_tokens: int = 0
@@ -239,7 +246,7 @@ class Usage(_WireModel):
     service_tier: Literal["standard"] = "standard"
 
 
-class MessageResponse(_WireModel):
+class MessageResponse(WireModel):
     """A complete Message plus the seed's three metering fields."""
 
     id: str
@@ -262,7 +269,7 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class ModelInfo(_WireModel):
+class ModelInfo(WireModel):
     type: Literal["model"] = "model"
     id: str
     display_name: str
@@ -277,12 +284,12 @@ class ModelInfo(_WireModel):
         return rfc3339(value)
 
 
-class ModelList(_WireModel):
+class ModelList(WireModel):
     data: list[ModelInfo]
     has_more: bool
     first_id: str | None
     last_id: str | None
 
 
-class TokenCount(_WireModel):
+class TokenCount(WireModel):
     input_tokens: int

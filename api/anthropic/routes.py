@@ -11,6 +11,7 @@ from api.anthropic import sse
 from api.anthropic.admission import admit, current_limit_headers, resolve_model, tokenize_async
 from api.anthropic.convert import (
     ContentAssembler,
+    ThinkingSignatures,
     block_opening,
     message_delta_event,
     message_response,
@@ -123,15 +124,21 @@ async def _stream(run: RequestRun, model: str, claimed: ClaimedEvent) -> AsyncIt
             )
             yield sse.ping()
             started = False
+            signatures = ThinkingSignatures()
             async for event in run.events(tick=run.platform.settings.ping_interval_s):
                 if event is None:
                     yield sse.ping()
                 elif isinstance(event, BlockStartEvent):
                     started = True
+                    signatures.add(event)
                     yield sse.content_block_start(event.block, block_opening(event))
                 elif isinstance(event, DeltaEvent):
+                    signatures.add(event)
                     yield sse.content_delta(event.block, event.kind, event.text)
                 elif isinstance(event, BlockStopEvent):
+                    signature = signatures.closing(event.block)
+                    if signature is not None:
+                        yield sse.signature_delta(event.block, signature)
                     yield sse.content_block_stop(event.block)
                 else:
                     if not started:  # an empty answer still has its one (empty) text block

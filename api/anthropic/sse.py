@@ -69,6 +69,14 @@ def content_delta(index: int, kind: str, text: str) -> bytes:
     )
 
 
+def signature_delta(index: int, signature: str) -> bytes:
+    """Closes a thinking block's content: sent just before its `content_block_stop`."""
+    return sse_event(
+        "content_block_delta",
+        {"index": index, "delta": {"type": "signature_delta", "signature": signature}},
+    )
+
+
 def text_delta(index: int, text: str) -> bytes:
     return content_delta(index, "text", text)
 

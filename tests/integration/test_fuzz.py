@@ -60,8 +60,9 @@ def test_every_v1_operation_is_fuzzed(api_schema: Any) -> None:
 
 
 def _steer(case: Any, mode: GenerationMode) -> None:
-    """Push valid data past the early refusals (random version, random model, tools) so that
-    it reaches tokenizing, rate limiting, billing and generation; keep generation short."""
+    """Push valid data past the early refusals (random version, random model, a thinking
+    budget above max_tokens, MCP servers) so that it reaches tokenizing, rate limiting,
+    billing and generation; keep generation short."""
     if mode is GenerationMode.POSITIVE and case.headers:
         case.headers.pop("anthropic-version", None)
     if not isinstance(case.body, dict):
@@ -69,7 +70,7 @@ def _steer(case: Any, mode: GenerationMode) -> None:
     if mode is GenerationMode.POSITIVE:
         if isinstance(case.body.get("model"), str):
             case.body["model"] = MODEL
-        for unsupported in ("tools", "tool_choice", "thinking"):
+        for unsupported in ("thinking", "mcp_servers"):
             case.body.pop(unsupported, None)
     if case.path != "/v1/messages":
         return

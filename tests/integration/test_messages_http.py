@@ -77,7 +77,7 @@ def test_validation_errors_are_400_not_422(http: httpx.Client) -> None:
         ({**BODY, "messages": []}, "messages: at least one message is required"),
         ({**BODY, "temperature": 3}, "temperature"),
         ({**BODY, "max_tokens": 0}, "max_tokens"),
-        ({**BODY, "messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+        ({**BODY, "messages": [{"role": "bot", "content": "x"}]}, "messages.0.role"),
     ]
     for body, fragment in cases:
         response = http.post("/v1/messages", json=body)

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from api.anthropic.convert import (
     ContentAssembler,
+    conversation_of,
     estimated_cost_usd,
     message_response,
     model_info,
@@ -71,6 +72,11 @@ SEED_RESPONSE = {
 }
 
 
+def turns(request: MessagesRequest | CountTokensRequest) -> list[tuple[str, str]]:
+    """(role, text) of the request's turns, as the prompt renderer gets them."""
+    return [(turn.role, turn.text()) for turn in conversation_of(request).turns]
+
+
 def error_message(
     body: Any, model: type[MessagesRequest | CountTokensRequest] = MessagesRequest
 ) -> str:
@@ -98,7 +104,7 @@ def test_seed_request_round_trip() -> None:
     request = MessagesRequest.model_validate(SEED_REQUEST)
     assert request.max_tokens == 1024 and request.stream is False
     assert request.system_text() is None
-    assert request.conversation() == [
+    assert turns(request) == [
         ("user", "What is abliteration?"),
         ("assistant", "Abliteration is a technique that removes refusal vectors from LLMs."),
         ("user", "Explain how it works step by step."),
@@ -110,7 +116,7 @@ def test_seed_request_round_trip() -> None:
 def test_sdk_captured_request_body() -> None:
     raw = '{"max_tokens":16,"messages":[{"role":"user","content":"hi"}],"model":"m"}'
     request = MessagesRequest.model_validate_json(raw)
-    assert (request.model, request.max_tokens, request.conversation()) == (
+    assert (request.model, request.max_tokens, turns(request)) == (
         "m",
         16,
         [("user", "hi")],
@@ -142,6 +148,10 @@ def test_block_content_system_blocks_and_ignored_fields() -> None:
             "tool_choice": {"type": "auto"},
             "thinking": {"type": "adaptive"},
             "tools": [],
+            "context_management": {"edits": [{"type": "clear_thinking_20251015"}]},
+            "cache_control": {"type": "ephemeral"},
+            "container": None,
+            "speed": "fast",
             "stream": True,
             "temperature": 1.5,
             "top_p": 0.9,
@@ -151,7 +161,7 @@ def test_block_content_system_blocks_and_ignored_fields() -> None:
     )
     assert request.system_text() == "You are terse.\n\nAnswer in English."
     # Blocks of one turn and consecutive same-role turns are joined by a blank line.
-    assert request.conversation() == [("user", "first\n\nsecond\n\nthird"), ("assistant", "Sure:")]
+    assert turns(request) == [("user", "first\n\nsecond\n\nthird"), ("assistant", "Sure:")]
     assert request.stream and request.metadata is not None and request.metadata.user_id == "u-1"
     params = sampling_params(request, max_tokens=64)
     assert params.model_dump() == {
@@ -173,14 +183,14 @@ def test_empty_final_assistant_message_is_allowed() -> None:
     request = MessagesRequest.model_validate(
         {"model": "m", "messages": [*USER_HI, {"role": "assistant", "content": ""}]}
     )
-    assert request.conversation() == [("user", "hi"), ("assistant", "")]
+    assert turns(request) == [("user", "hi"), ("assistant", "")]
 
 
 def test_count_tokens_ignores_generation_fields() -> None:
     request = CountTokensRequest.model_validate(
         {"model": "m", "messages": USER_HI, "max_tokens": 5, "stream": True, "temperature": 9}
     )
-    assert request.conversation() == [("user", "hi")]
+    assert turns(request) == [("user", "hi")]
     assert "max_tokens" not in request.model_dump()
     assert TokenCount(input_tokens=12).model_dump() == {"input_tokens": 12}
 
@@ -198,8 +208,8 @@ def test_count_tokens_ignores_generation_fields() -> None:
         ({"model": 5, "messages": USER_HI}, "model: Input should be a valid string"),
         ({"model": "m", "messages": [{"role": "user"}]}, "messages.0.content: Field required"),
         (
-            {"model": "m", "messages": [{"role": "system", "content": "x"}]},
-            "messages.0.role: Input should be 'user' or 'assistant'",
+            {"model": "m", "messages": [{"role": "bot", "content": "x"}]},
+            "messages.0.role: Input should be 'user', 'assistant' or 'system'",
         ),
         (
             {"model": "m", "messages": [{"role": "user", "content": 5}]},
@@ -225,15 +235,27 @@ def test_count_tokens_ignores_generation_fields() -> None:
             {
                 "model": "m",
                 "messages": [
-                    *USER_HI,
                     {
-                        "role": "assistant",
+                        "role": "user",
                         "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}],
                     },
                 ],
             },
-            'messages.1.content.0: content block type "tool_use" is not supported'
-            " (this model accepts text only)",
+            "messages.0.content.0: tool_use blocks are not allowed in user messages",
+        ),
+        (
+            {
+                "model": "m",
+                "messages": [
+                    *USER_HI,
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "tool_use", "id": "t", "name": "f", "input": []}],
+                    },
+                    {"role": "user", "content": "ok"},
+                ],
+            },
+            "messages.1.content.0.input: Input should be a valid dictionary",
         ),
         (
             {"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
@@ -267,23 +289,15 @@ def test_count_tokens_ignores_generation_fields() -> None:
         (
             {"model": "m", "messages": USER_HI, "system": [{"type": "document"}]},
             'system.0: content block type "document" is not supported'
-            " (this model accepts text only)",
-        ),
-        (
-            {"model": "m", "messages": USER_HI, "tools": [{"name": "f", "input_schema": {}}]},
-            "tools: tool use is not supported by this model",
+            " (a system prompt takes text blocks only)",
         ),
         (
             {"model": "m", "messages": USER_HI, "tool_choice": {"type": "any"}},
-            "tool_choice: tool use is not supported by this model",
+            'tool_choice: type "any" needs tools to choose from',
         ),
         (
-            {
-                "model": "m",
-                "messages": USER_HI,
-                "thinking": {"type": "enabled", "budget_tokens": 2048},
-            },
-            "thinking: extended thinking is not supported by this model",
+            {"model": "m", "messages": USER_HI, "thinking": {"type": "enabled"}},
+            'thinking.budget_tokens: Field required (thinking type "enabled")',
         ),
         (
             {"model": "m", "messages": USER_HI, "max_tokens": 0},

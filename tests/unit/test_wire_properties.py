@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from api.anthropic.convert import conversation_of
 from api.anthropic.protocol import BLOCK_SEPARATOR, CountTokensRequest, MessagesRequest
 from api.errors import format_validation_errors
 
@@ -39,6 +40,8 @@ TOP_LEVEL_FIELDS = [
     "tools",
     "tool_choice",
     "thinking",
+    "output_config",
+    "output_format",
 ]
 
 
@@ -101,12 +104,12 @@ def test_valid_requests_validate_and_round_trip(body: dict[str, Any]) -> None:
     request = MessagesRequest.model_validate(body)
     again = MessagesRequest.model_validate(json.loads(request.model_dump_json()))
     assert again == request
-    turns = request.conversation()
-    assert all(a[0] != b[0] for a, b in itertools.pairwise(turns))
-    joined = BLOCK_SEPARATOR.join(text for _, text in turns)
+    turns = conversation_of(request).turns
+    assert all(a.role != b.role for a, b in itertools.pairwise(turns))
+    joined = BLOCK_SEPARATOR.join(turn.text() for turn in turns)
     for message in request.messages:
         for block in message.content:
-            assert block.text in joined
+            assert block.type == "text" and block.text in joined
 
 
 @given(valid_requests(), st.integers(max_value=0))
