@@ -1,8 +1,9 @@
 """Who is calling: an API key (x-api-key or Bearer ak_...) or a JWT (Bearer), checked per request.
 
 Every request reads the key from Postgres (no cache), so a revoked or expired key stops working on
-the next request. JWTs name an account (`sub`), which is read on every request too, so disabling
-an account refuses its tokens at once (403).
+the next request. JWTs name an account (`sub`), which is read on every request too, in the same
+statement that looks the token up on the revocation list: disabling an account refuses its
+tokens at once (403), and so does revoking one token (401), on every API replica.
 """
 
 from collections.abc import Mapping
@@ -14,11 +15,10 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Connection
 
-from api.admin.jwt_tokens import verify_account_token
+from api.admin.jwt_tokens import VerifiedToken, verify_account_token, verify_token
 from api.errors import AuthenticationError, PermissionDeniedError
 from api.settings import ApiSettings
-from db.accounts import KEY_PREFIX, find_live_key, needs_touch, touch_key
-from db.models import Account
+from db.accounts import KEY_PREFIX, find_live_key, find_token_account, needs_touch, touch_key
 from db.session import in_autocommit, transaction
 
 
@@ -29,6 +29,8 @@ class Principal:
     key_prefix: str | None
     # The account's default limits with the key's overrides on top; unset ones use settings.
     rate_limits: dict[str, int] | None
+    # The budget all the account's credentials share, when it sets one.
+    shared_limits: dict[str, int] | None = None
 
 
 def merged_limits(
@@ -68,21 +70,24 @@ def _lookup_on(connection: Connection, credential: str) -> Principal:
     if needs_touch(key.last_used_at, datetime.now(UTC)):
         touch_key(connection, key.id)
     limits = merged_limits(key.account_rate_limits, key.rate_limits)
-    return Principal(key.account_id, key.id, key.prefix, limits)
+    shared = merged_limits(key.account_shared_limits, None)
+    return Principal(key.account_id, key.id, key.prefix, limits, shared)
 
 
-def _lookup_account(database_url: str, account_id: str) -> Principal:
-    with transaction(database_url) as session:
-        account = session.get(Account, account_id)
-        if account is None:
-            raise AuthenticationError("invalid token: unknown account")
-        _check_enabled(account)
-        return Principal(account.id, None, None, merged_limits(account.rate_limits, None))
-
-
-def _check_enabled(account: Account) -> None:
-    if account.disabled:
+def _lookup_account(database_url: str, token: VerifiedToken) -> Principal:
+    # One Core statement in autocommit: the account and the token's revocation together.
+    found = in_autocommit(
+        database_url,
+        lambda connection: find_token_account(connection, token.account_id, token.revocation_id),
+    )
+    if found is None:
+        raise AuthenticationError("invalid token: unknown account")
+    if found.revoked:
+        raise AuthenticationError("invalid token: revoked")
+    if found.disabled:
         raise PermissionDeniedError("this account is disabled")
+    limits = merged_limits(found.rate_limits, None)
+    return Principal(found.id, None, None, limits, merged_limits(found.shared_limits, None))
 
 
 def is_inference_credential(settings: ApiSettings, credential: str) -> bool:
@@ -105,8 +110,8 @@ async def authenticate(request: Request) -> Principal:
     if credential.startswith(KEY_PREFIX) or credential.count(".") != 2:
         principal = await run_in_threadpool(_lookup, platform.database_url, credential)
     else:
-        account_id = verify_account_token(platform.settings, credential)
-        principal = await run_in_threadpool(_lookup_account, platform.database_url, account_id)
+        token = verify_token(platform.settings, credential)
+        principal = await run_in_threadpool(_lookup_account, platform.database_url, token)
     request.state.principal = principal
     return principal
 

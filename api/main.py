@@ -7,8 +7,11 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from api import account, health, metrics
+from api.admin import audit as admin_audit
 from api.admin import routes as admin_routes
+from api.admin import tokens as admin_tokens
 from api.admin import usage as admin_usage
+from api.admin.throttle import RedisAdminThrottle
 from api.anthropic import routes as anthropic_routes
 from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, JsonBodyMiddleware, RequestIdMiddleware
@@ -29,6 +32,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         platform = Platform.create(settings)
         app.state.platform = platform
         app.state.settings = settings
+        app.state.admin_throttle = RedisAdminThrottle(platform.redis, settings)
         platform.watch_for_shutdown()
         try:
             yield
@@ -42,6 +46,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(anthropic_routes.router, dependencies=[Depends(check_anthropic_version)])
     app.include_router(account.router)
     app.include_router(admin_routes.router)
+    app.include_router(admin_tokens.router)
+    app.include_router(admin_audit.router)
     app.include_router(admin_usage.router)
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -133,7 +133,7 @@ class Platform:
     async def settle_if_queued(self, request_id: str, status: str, reason: str) -> None:
         def settle() -> None:
             with transaction(self.database_url) as session:
-                outcome = Outcome(status, 0, Decimal(0), 0, error=reason)
+                outcome = Outcome.unbilled(status, reason)
                 settle_request(session, request_id, outcome, only_queued=True)
 
         await anyio.to_thread.run_sync(settle)

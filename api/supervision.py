@@ -9,7 +9,6 @@ is conditional on the status, so a worker that comes back later finds it settled
 
 import time
 from datetime import UTC, datetime
-from decimal import Decimal
 
 from fastapi.concurrency import run_in_threadpool
 from redis.exceptions import RedisError
@@ -103,7 +102,7 @@ class RequestWatch:
             settlement = settle_request(
                 session,
                 self.request_id,
-                Outcome("failed", 0, Decimal(0), 0, error=reason),
+                Outcome.unbilled("failed", reason),
                 only_queued=expected == "queued",
             )
             return not settlement.already_settled

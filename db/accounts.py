@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, or_, select, update
+from sqlalchemy import Connection, Table, bindparam, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.ledger import append_balance_entry
-from db.models import Account, ApiKey
+from db.models import Account, ApiKey, RevokedToken
 
 KEY_PREFIX = "ak_"
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -85,6 +85,7 @@ _FIND_KEY = (
         _ACCOUNTS.c.id.label("account_id"),
         _ACCOUNTS.c.disabled,
         _ACCOUNTS.c.rate_limits.label("account_rate_limits"),
+        _ACCOUNTS.c.shared_rate_limits.label("account_shared_limits"),
     )
     .join(_ACCOUNTS, _ACCOUNTS.c.id == _KEYS.c.account_id)
     .where(_KEYS.c.key_hash == bindparam("digest"))
@@ -102,6 +103,7 @@ class LiveKey:
     account_id: str
     account_disabled: bool
     account_rate_limits: dict[str, Any] | None
+    account_shared_limits: dict[str, Any] | None
 
 
 def find_live_key(connection: Session | Connection, plaintext: str) -> LiveKey | None:
@@ -121,7 +123,42 @@ def find_live_key(connection: Session | Connection, plaintext: str) -> LiveKey |
         row.account_id,
         row.disabled,
         row.account_rate_limits,
+        row.account_shared_limits,
     )
+
+
+_REVOKED: Table = RevokedToken.__table__  # type: ignore[assignment]
+# A JWT's account and whether the token is revoked, in one statement (the revocation check
+# costs no round trip of its own: docs/access.md).
+_FIND_TOKEN_ACCOUNT = select(
+    _ACCOUNTS.c.id,
+    _ACCOUNTS.c.disabled,
+    _ACCOUNTS.c.rate_limits,
+    _ACCOUNTS.c.shared_rate_limits,
+    exists().where(_REVOKED.c.jti == bindparam("revocation_id")).label("revoked"),
+).where(_ACCOUNTS.c.id == bindparam("account_id"))
+
+
+@dataclass(frozen=True)
+class TokenAccount:
+    """What authenticating a JWT needs from its account and the revocation list."""
+
+    id: str
+    disabled: bool
+    rate_limits: dict[str, Any] | None
+    shared_limits: dict[str, Any] | None
+    revoked: bool
+
+
+def find_token_account(
+    connection: Session | Connection, account_id: str, revocation_id: str
+) -> TokenAccount | None:
+    """The account a JWT names and whether the token is revoked; None: no such account."""
+    params = {"account_id": account_id, "revocation_id": revocation_id}
+    row = connection.execute(_FIND_TOKEN_ACCOUNT, params).first()
+    if row is None:
+        return None
+    return TokenAccount(row.id, row.disabled, row.rate_limits, row.shared_rate_limits, row.revoked)
 
 
 # last_used_at is kept to this precision: a key used within it is not written again, so a

@@ -77,12 +77,15 @@ def _stored(account_id: str | None = None) -> Select[Any]:
     return query
 
 
-def discrepancies(session: Session, *, account_id: str | None = None) -> list[tuple[Any, ...]]:
-    """Rollup rows that differ from the sums over the requests (either side's version)."""
+def discrepancies(
+    session: Session, *, account_id: str | None = None
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """Rollup rows that differ from the sums over the requests, each side's version labelled
+    `requests` (what the requests sum to) or `rollup` (what is stored)."""
     computed, stored = _from_requests(account_id), _stored(account_id)
     missing = session.execute(computed.except_(stored)).all()
     extra = session.execute(stored.except_(computed)).all()
-    return [tuple(row) for row in (*missing, *extra)]
+    return [("requests", tuple(row)) for row in missing] + [("rollup", tuple(row)) for row in extra]
 
 
 def rebuild(session: Session) -> int:

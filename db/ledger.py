@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from sqlalchemy import Connection, Table, bindparam, func, select, text, update
+from sqlalchemy import Connection, Table, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from db.daily_usage import NO_KEY
-from db.models import BALANCE_KINDS, RESERVATION_KINDS, Account, LedgerEntry, Request
+from db.models import BALANCE_KINDS, Account, LedgerEntry, Request
+from db.pricing import Prices
 
 # The statements of a request's claim and settlement, built once: building them per call (and
 # running them through the ORM's bulk-update path) cost ~3 ms of CPU per request, taken under
@@ -33,46 +34,61 @@ _CLAIM = text(
     RETURNING id
     """
 )
+# What a request costs, from its own row: the prices stored at its admission, applied to its
+# input tokens and the output tokens the settlement reports; nothing when it is not billable.
+# Rows admitted before prices were stored (revision 0004) have none and take the settling
+# process's (`legacy_*`). NUMERIC throughout: nothing is rounded before the credits round up.
+_COST = """CASE WHEN CAST(:billable AS boolean) THEN
+        (input_tokens * coalesce(input_price_per_mtok, CAST(:legacy_input AS numeric))
+         + CAST(:output_tokens AS bigint)
+           * coalesce(output_price_per_mtok, CAST(:legacy_output AS numeric)))
+        * coalesce(batch_multiplier, 1) / 1000000
+    ELSE 0 END"""
+_CREDIT_PRICE = "coalesce(credit_price_usd, CAST(:legacy_credit_price AS numeric))"
 # A settlement in one statement (one round trip): the request leaves queued/running (the
-# condition that makes settlement happen once), the account is charged and its hold released,
-# the release and charge rows are appended, and the request is added to its UTC day's
-# daily_usage row (db/daily_usage.py), all from the request row the first update returned. If
-# the request was already settled, `settled` is empty and so is everything downstream of it.
+# condition that makes settlement happen once) with its charge computed from its row and capped
+# at its hold, the account is charged and its hold released, the release and charge rows are
+# appended, and the request is added to its UTC day's daily_usage row (db/daily_usage.py), all
+# from the request row the first update returned. If the request was already settled,
+# `settled` is empty and so is everything downstream of it.
 _SETTLE = text(
-    """
+    f"""
     WITH settled AS (
         UPDATE request
-        SET status = :new_status, output_tokens = :output_tokens, cost_usd = :cost_usd,
-            credits_charged = :charge, stop_reason = :stop_reason,
-            stop_sequence = :stop_sequence, error = :error, finished_at = :finished_at
+        SET status = :new_status, output_tokens = :output_tokens, cost_usd = {_COST},
+            credits_charged = CASE WHEN CAST(:billable AS boolean)
+                THEN least(credits_reserved, CAST(ceil({_COST} / {_CREDIT_PRICE}) AS bigint))
+                ELSE 0 END,
+            stop_reason = :stop_reason, stop_sequence = :stop_sequence, error = :error,
+            finished_at = :finished_at
         WHERE id = :request_id AND status = ANY(CAST(:open_statuses AS varchar[]))
-        RETURNING account_id, credits_reserved, created_at, api_key_id, model, input_tokens
+        RETURNING account_id, credits_reserved, credits_charged, cost_usd, created_at,
+                  api_key_id, model, input_tokens
     ), charged AS (
         UPDATE account
-        SET credit_balance = account.credit_balance - :charge,
+        SET credit_balance = account.credit_balance - settled.credits_charged,
             reserved_credits = account.reserved_credits - settled.credits_reserved
         FROM settled
         WHERE account.id = settled.account_id
         RETURNING account.id, account.credit_balance, account.reserved_credits,
-                  settled.credits_reserved
+                  settled.credits_reserved, settled.credits_charged
     ), entries AS (
         INSERT INTO ledger_entry
             (account_id, request_id, kind, amount, balance_after, reserved_after)
-        SELECT id, :request_id, 'release', -credits_reserved, credit_balance + :charge,
+        SELECT id, :request_id, 'release', -credits_reserved, credit_balance + credits_charged,
                reserved_credits
         FROM charged
         UNION ALL
-        SELECT id, :request_id, 'charge', -CAST(:charge AS bigint), credit_balance,
-               reserved_credits
-        FROM charged WHERE CAST(:charge AS bigint) > 0
+        SELECT id, :request_id, 'charge', -credits_charged, credit_balance, reserved_credits
+        FROM charged WHERE credits_charged > 0
         RETURNING id
     ), usage AS (
         INSERT INTO daily_usage AS d
             (day, account_id, api_key_id, model, requests, input_tokens, output_tokens,
              credits_charged, cost_usd)
         SELECT CAST(timezone('UTC', created_at) AS date), account_id,
-               coalesce(api_key_id, :no_key), model, 1, input_tokens, :output_tokens, :charge,
-               :cost_usd
+               coalesce(api_key_id, :no_key), model, 1, input_tokens, :output_tokens,
+               credits_charged, cost_usd
         FROM settled
         ON CONFLICT (day, account_id, api_key_id, model) DO UPDATE
         SET requests = d.requests + 1,
@@ -82,9 +98,10 @@ _SETTLE = text(
             cost_usd = d.cost_usd + excluded.cost_usd
         RETURNING 1
     )
-    SELECT credit_balance, reserved_credits, (SELECT count(*) FROM entries) AS entries,
+    SELECT charged.credit_balance, charged.reserved_credits, charged.credits_charged,
+           settled.cost_usd, (SELECT count(*) FROM entries) AS entries,
            (SELECT count(*) FROM usage) AS usage
-    FROM charged
+    FROM charged, settled
     """
 )
 # A settled request's outcome (Core: fresh from the database, never a stale ORM object).
@@ -162,6 +179,8 @@ class NewRequest:
     max_tokens: int
     input_tokens: int
     credits_reserved: int
+    # The prices in force now; settlement charges these, whoever settles it.
+    prices: Prices
 
 
 # The request row, its reservation and the reservation's ledger row in one statement: the
@@ -178,9 +197,11 @@ _OPEN = text(
     ), opened AS (
         INSERT INTO request (id, message_id, account_id, api_key_id, model, status, stream,
                              max_tokens, input_tokens, output_tokens, credits_reserved,
-                             credits_charged, cost_usd)
+                             credits_charged, cost_usd, input_price_per_mtok,
+                             output_price_per_mtok, credit_price_usd)
         SELECT :id, :message_id, :account_id, :api_key_id, :model, 'queued', :stream,
-               :max_tokens, :input_tokens, 0, :n, 0, 0
+               :max_tokens, :input_tokens, 0, :n, 0, 0, :input_price, :output_price,
+               :credit_price
         FROM held
         RETURNING id
     )
@@ -207,6 +228,9 @@ def open_request(session: Session | Connection, req: NewRequest) -> None:
         "stream": req.stream,
         "max_tokens": req.max_tokens,
         "input_tokens": req.input_tokens,
+        "input_price": req.prices.input_per_mtok,
+        "output_price": req.prices.output_per_mtok,
+        "credit_price": req.prices.credit_price_usd,
     }
     if session.execute(_OPEN, params).first() is not None:
         return
@@ -233,24 +257,39 @@ class Settlement:
 
 @dataclass(frozen=True)
 class Outcome:
+    """How a request ended, as its settler saw it; the charge comes from the request's row."""
+
     status: str  # succeeded | failed | cancelled
     output_tokens: int
-    cost_usd: Decimal
-    credits_charged: int
+    # Charged for its input and output tokens: never when failed, nor when it ended before
+    # any worker ran it.
+    billable: bool
     stop_reason: str | None = None
     stop_sequence: str | None = None
     error: str | None = None
 
+    @classmethod
+    def unbilled(cls, status: str, error: str) -> "Outcome":
+        """Ended by the platform: nothing produced, nothing charged, the hold released."""
+        return cls(status, 0, billable=False, error=error)
+
 
 def settle_request(
-    session: Session | Connection, request_id: str, outcome: Outcome, *, only_queued: bool = False
+    session: Session | Connection,
+    request_id: str,
+    outcome: Outcome,
+    *,
+    only_queued: bool = False,
+    legacy_prices: Prices | None = None,
 ) -> Settlement:
-    """Charge actual usage and release the reservation, once. A second call changes nothing.
+    """Charge actual usage at the request's own prices, capped at its hold, and release the
+    hold, once. A second call changes nothing.
 
     `only_queued` settles only a request no worker has claimed (the API giving up on it).
+    `legacy_prices` price a request admitted before prices were stored on its row.
     """
     open_statuses = ["queued"] if only_queued else ["queued", "running"]
-    charge = outcome.credits_charged
+    legacy = legacy_prices
     row = session.execute(
         _SETTLE,
         {
@@ -258,8 +297,10 @@ def settle_request(
             "open_statuses": open_statuses,
             "new_status": outcome.status,
             "output_tokens": outcome.output_tokens,
-            "cost_usd": outcome.cost_usd,
-            "charge": charge,
+            "billable": outcome.billable and outcome.status != "failed",
+            "legacy_input": legacy.input_per_mtok if legacy else None,
+            "legacy_output": legacy.output_per_mtok if legacy else None,
+            "legacy_credit_price": legacy.credit_price_usd if legacy else None,
             "stop_reason": outcome.stop_reason,
             "stop_sequence": outcome.stop_sequence,
             "error": outcome.error,
@@ -278,61 +319,12 @@ def settle_request(
         )
     # Every part of the statement ran: the ledger rows and the day's usage row are written (the
     # statement guarantees it; in autocommit this checks what is already committed).
+    charge = int(row.credits_charged)
     assert row.entries == (2 if charge else 1) and row.usage == 1, row
     return Settlement(
         status=outcome.status,
         credits_charged=charge,
         remaining_credits=row.credit_balance - row.reserved_credits,
-        cost_usd=outcome.cost_usd,
+        cost_usd=row.cost_usd,
         already_settled=False,
     )
-
-
-@dataclass(frozen=True)
-class Discrepancy:
-    account_id: str
-    balance: int
-    ledger_balance: int
-    reserved: int
-    ledger_reserved: int
-    open_reservations: int
-
-
-def reconcile(session: Session) -> list[Discrepancy]:
-    """Accounts whose balance or reserve disagrees with the ledger or with open requests."""
-    ledger = (
-        select(
-            LedgerEntry.account_id,
-            func.coalesce(
-                func.sum(LedgerEntry.amount).filter(LedgerEntry.kind.in_(BALANCE_KINDS)), 0
-            ).label("bal"),
-            func.coalesce(
-                func.sum(LedgerEntry.amount).filter(LedgerEntry.kind.in_(RESERVATION_KINDS)), 0
-            ).label("res"),
-        )
-        .group_by(LedgerEntry.account_id)
-        .subquery()
-    )
-    open_reqs = (
-        select(Request.account_id, func.sum(Request.credits_reserved).label("open"))
-        .where(Request.status.in_(("queued", "running")))
-        .group_by(Request.account_id)
-        .subquery()
-    )
-    rows = session.execute(
-        select(
-            Account.id,
-            Account.credit_balance,
-            Account.reserved_credits,
-            func.coalesce(ledger.c.bal, 0),
-            func.coalesce(ledger.c.res, 0),
-            func.coalesce(open_reqs.c.open, 0),
-        )
-        .outerjoin(ledger, ledger.c.account_id == Account.id)
-        .outerjoin(open_reqs, open_reqs.c.account_id == Account.id)
-    ).all()
-    bad = []
-    for acct_id, bal, res, lbal, lres, open_ in rows:
-        if bal != lbal or res != lres or res != open_ or bal < 0 or res < 0:
-            bad.append(Discrepancy(acct_id, bal, int(lbal), res, int(lres), int(open_)))
-    return bad

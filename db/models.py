@@ -58,8 +58,11 @@ class Account(Base):
     credit_balance: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     reserved_credits: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     disabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
-    # Default per-key rate limits for keys created without their own.
+    # Per-credential defaults: what each key (and the account's JWTs, together) may use unless
+    # the key sets its own; read at request time, so lowering them applies to existing keys.
     rate_limits: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # One budget shared by all the account's credentials (keys and JWTs); NULL: none.
+    shared_rate_limits: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now()
 
 
@@ -72,6 +75,7 @@ class ApiKey(Base):
     # SHA-256 of the whole key, hex; the key itself is never stored.
     key_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
     prefix: Mapped[str] = mapped_column(String(20), nullable=False)
+    # The key's own limits only (fields it overrides); the account's fill the rest per request.
     rate_limits: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now()
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -86,6 +90,7 @@ class Request(Base):
             "status IN ('queued','running','succeeded','failed','cancelled')", name="status_valid"
         ),
         CheckConstraint("credits_charged <= credits_reserved", name="charge_within_reservation"),
+        CheckConstraint("credit_price_usd > 0", name="credit_price_positive"),
         Index("ix_request_account_id_created_at", "account_id", "created_at"),
         Index(
             "ix_request_open",
@@ -112,6 +117,15 @@ class Request(Base):
     credits_reserved: Mapped[int] = mapped_column(BigInteger, nullable=False)
     credits_charged: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     cost_usd: Mapped[Decimal] = mapped_column(Numeric(20, 9), nullable=False, default=Decimal(0))
+    # The prices in force at admission, which settlement charges (db/ledger.py): USD per million
+    # input / output tokens and USD per credit. NULL only on requests admitted before they were
+    # stored (revision 0004). The multipliers are room for cache and batch pricing; NULL is 1.
+    input_price_per_mtok: Mapped[Decimal | None] = mapped_column(Numeric(20, 9))
+    output_price_per_mtok: Mapped[Decimal | None] = mapped_column(Numeric(20, 9))
+    credit_price_usd: Mapped[Decimal | None] = mapped_column(Numeric(20, 9))
+    cache_read_multiplier: Mapped[Decimal | None] = mapped_column(Numeric(10, 4))
+    cache_write_multiplier: Mapped[Decimal | None] = mapped_column(Numeric(10, 4))
+    batch_multiplier: Mapped[Decimal | None] = mapped_column(Numeric(10, 4))
     error: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = _now()
@@ -120,7 +134,9 @@ class Request(Base):
 
 
 class LedgerEntry(Base):
-    """Append-only. Balance kinds sum to the balance; reservation kinds sum to the reserve."""
+    """Append-only (a trigger refuses UPDATE and DELETE; the application's role may only
+    INSERT and SELECT). Balance kinds sum to the balance; reservation kinds sum to the reserve;
+    each row's balance_after / reserved_after is the previous row's plus its amount."""
 
     __tablename__ = "ledger_entry"
     __table_args__ = (
@@ -172,3 +188,40 @@ class DailyUsage(Base):
     output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
     credits_charged: Mapped[int] = mapped_column(BigInteger, nullable=False)
     cost_usd: Mapped[Decimal] = mapped_column(Numeric(20, 9), nullable=False)
+
+
+class RevokedToken(Base):
+    """A JWT refused before its expiry, by `jti`; kept until the token would have expired."""
+
+    __tablename__ = "revoked_token"
+
+    jti: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # When the token expires (its `exp`, or the longest lifetime a token may have when only the
+    # jti was given); past it the row may be deleted.
+    expires_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, index=True
+    )
+    account_id: Mapped[str | None] = mapped_column(String(40))
+    reason: Mapped[str | None] = mapped_column(Text)
+    revoked_by: Mapped[str] = mapped_column(String(200), nullable=False)
+    revoked_at: Mapped[datetime] = _now()
+
+
+class AdminAudit(Base):
+    """Append-only record of each change made through the admin API, and by which credential."""
+
+    __tablename__ = "admin_audit"
+    __table_args__ = (Index("ix_admin_audit_admin_id", "admin", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    # The name of the admin token used (ABL_ADMIN_TOKENS; ABL_ADMIN_TOKEN is "admin").
+    admin: Mapped[str] = mapped_column(String(200), nullable=False)
+    # What was done, e.g. account.create, credits.add, key.update, token.revoke.
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    # The id the action was about (an account, key or jti), when there is one.
+    target: Mapped[str | None] = mapped_column(String(200), index=True)
+    # The request's body as the API understood it, secrets left out.
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    client_address: Mapped[str | None] = mapped_column(String(100))
+    request_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = _now()

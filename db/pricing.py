@@ -1,5 +1,6 @@
 """Money math: USD cost of tokens and its price in whole credits. Decimal only, never floats."""
 
+from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 
 MILLION = Decimal(1_000_000)
@@ -24,3 +25,17 @@ def credits_for(cost: Decimal, credit_price_usd: Decimal) -> int:
 def report_usd(cost: Decimal) -> Decimal:
     """The cost as reported to clients: rounded up to the micro-dollar."""
     return cost.quantize(USD_QUANTUM, rounding=ROUND_CEILING)
+
+
+@dataclass(frozen=True)
+class Prices:
+    """The prices a request is admitted at, stored on its row and charged at its settlement."""
+
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    credit_price_usd: Decimal
+
+    def credits(self, input_tokens: int, output_tokens: int) -> int:
+        """Whole credits for these tokens at these prices (the hold: output = max_tokens)."""
+        cost = cost_usd(input_tokens, output_tokens, self.input_per_mtok, self.output_per_mtok)
+        return credits_for(cost, self.credit_price_usd)

@@ -19,7 +19,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, false, func, literal_column, or_, select
@@ -119,7 +118,7 @@ def _settle_failed(
     for row in sorted(rows, key=lambda r: (r.account_id, r.id)):
         stuck = _Stuck(row.id, row.status, row.worker)
         why = reason(stuck)
-        outcome = Outcome("failed", 0, Decimal(0), 0, error=why)
+        outcome = Outcome.unbilled("failed", why)
         if not settle_request(session, stuck.id, outcome).already_settled:
             log.warning("request %s (%s on %s): %s", stuck.id, stuck.status, stuck.worker, why)
             settled.append(stuck.id)

@@ -2,18 +2,22 @@
 per test session, started from scratch in a temporary directory.
 
 Embedded Postgres and Redis are started unless ABL_TEST_DATABASE_URL / ABL_TEST_REDIS_URL
-name servers to use instead.
+name servers to use instead (ABL_TEST_MIGRATION_DATABASE_URL: the owner role, else the
+application's role migrates).
 """
 
 import os
 import secrets
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import anthropic
 import httpx
+import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from db.session import get_sessionmaker
@@ -23,11 +27,20 @@ from infra.launcher.stack import Stack
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir: Path = tmp_path_factory.mktemp("abl-stack")
-    env = {"ABL_JWT_SECRET": secrets.token_urlsafe(32), "ABL_REQUEST_TIMEOUT_S": "120"}
+    env = {
+        "ABL_JWT_SECRET": secrets.token_urlsafe(32),
+        "ABL_REQUEST_TIMEOUT_S": "120",
+        # A second, named admin token (the stack's ABL_ADMIN_TOKEN is "admin").
+        "ABL_ADMIN_TOKENS": f"ops={secrets.token_urlsafe(32)}",
+        # Many tests send wrong admin tokens on purpose, all from 127.0.0.1: the throttle is
+        # tested on an API process of its own (tests/integration/test_admin_security.py).
+        "ABL_ADMIN_AUTH_MAX_FAILURES": "100000",
+    }
     running = Stack(
         data_dir,
         workers=1,
         database_url=os.environ.get("ABL_TEST_DATABASE_URL"),
+        migration_database_url=os.environ.get("ABL_TEST_MIGRATION_DATABASE_URL"),
         redis_url=os.environ.get("ABL_TEST_REDIS_URL"),
         env=env,
     )
@@ -38,6 +51,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture(scope="session")
 def admin(stack: Stack) -> Iterator[httpx.Client]:
     headers = {"Authorization": f"Bearer {stack.admin_token}"}
+    with httpx.Client(base_url=stack.base_url, headers=headers, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def ops_admin(stack: Stack) -> Iterator[httpx.Client]:
+    """The admin API with the named token `ops` instead of ABL_ADMIN_TOKEN."""
+    token = stack.extra_env["ABL_ADMIN_TOKENS"].removeprefix("ops=")
+    headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=stack.base_url, headers=headers, timeout=60) as client:
         yield client
 
@@ -88,6 +110,28 @@ def http(stack: Stack, account: ApiAccount) -> Iterator[httpx.Client]:
 
 @pytest.fixture
 def db(stack: Stack) -> Iterator[Session]:
+    """A session as the application's role."""
     assert stack.database_url is not None
     with get_sessionmaker(stack.database_url)() as session:
         yield session
+
+
+@pytest.fixture(scope="session")
+def owner_url(stack: Stack) -> str:
+    """The URL of the role that owns the schema (migrations, tests that tamper with data)."""
+    url = stack.migration_database_url or stack.database_url
+    assert url is not None
+    return url
+
+
+@pytest.fixture
+def scratch_database(owner_url: str) -> Iterator[str]:
+    """An empty database on the stack's server, owned by the owner role; dropped afterwards."""
+    url = make_url(owner_url)
+    name = f"abl_scratch_{uuid.uuid4().hex[:8]}"
+    admin_dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield url.set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import redis
+from prometheus_client import REGISTRY
 
 from contract.catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, load_catalog
 from contract.errors import API_ERROR, OVERLOADED, ErrorType
@@ -45,7 +46,7 @@ from contract.keys import (
 )
 from contract.queueing import TAKE, interactive_lanes, queued_accounts_key, queued_jobs_key
 from db.ledger import Outcome, Settlement, claim_request, settle_request
-from db.pricing import cost_usd, credits_for
+from db.pricing import Prices
 from db.session import in_autocommit
 from workers.backends.seam import Backend, BackendOptions, Failed, Finished, Generation, Submission
 from workers.engine_process import EngineProcess
@@ -53,7 +54,7 @@ from workers.pump import DeltaPump
 from workers.settings import WorkerSettings
 from workers.shaping import AddToBlock, BlockOp, OpenBlock
 from workers.sweeper import Sweeper
-from workers.telemetry import RequestTelemetry, serve_metrics
+from workers.telemetry import EngineCollector, RequestTelemetry, serve_metrics
 
 log = logging.getLogger("abl.worker")
 
@@ -149,6 +150,7 @@ class WorkerRuntime:
         self.telemetry = RequestTelemetry(settings.worker_name)
         self.metrics_port: int | None = None
         self._take = self.redis.register_script(TAKE)
+        self._collector = EngineCollector(self.engines)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -176,7 +178,7 @@ class WorkerRuntime:
             backend.on_events = self.pump.notify
             backend.start()
         self.pump.start()
-        self.metrics_port = serve_metrics(self.settings, self.engines)
+        self.metrics_port = serve_metrics(self.settings, self._collector)
         for target in (self._heartbeat_loop, self._cancel_loop):
             thread = threading.Thread(target=target, daemon=True, name=target.__name__)
             thread.start()
@@ -195,6 +197,8 @@ class WorkerRuntime:
             engine.stop()
         self.pump.stop()
         self._work.shutdown(wait=True)
+        with contextlib.suppress(KeyError):  # never registered: start() was not reached
+            REGISTRY.unregister(self._collector)
 
     def _engine_exited(self, code: int | None) -> None:
         """An engine process died (its requests have failed): stop taking jobs, and exit."""
@@ -421,24 +425,21 @@ class WorkerRuntime:
             final = Failed(message="the worker stopped the request (shutdown or lost Redis)")
             error_type = OVERLOADED
         if isinstance(final, Failed):
-            outcome = Outcome("failed", 0, Decimal(0), 0, error=final.message)
+            outcome = Outcome.unbilled("failed", final.message)
         else:
-            cost = cost_usd(
-                input_tokens,
-                final.output_tokens,
-                spec.input_price_per_mtok,
-                spec.output_price_per_mtok,
-            )
             outcome = Outcome(
                 "cancelled" if final.cancelled else "succeeded",
                 final.output_tokens,
-                cost,
-                credits_for(cost, self.credit_price),
+                billable=True,
                 stop_reason=None if final.cancelled else final.stop_reason,
                 stop_sequence=final.stop_sequence,
             )
+        # The charge comes from the prices stored on the request at admission; this worker's
+        # catalogue prices only a request admitted before they were stored.
+        legacy = Prices(spec.input_price_per_mtok, spec.output_price_per_mtok, self.credit_price)
         settlement = in_autocommit(
-            self.database_url, lambda conn: settle_request(conn, job.request_id, outcome)
+            self.database_url,
+            lambda conn: settle_request(conn, job.request_id, outcome, legacy_prices=legacy),
         )
         try:
             self._publish_end(publisher, settlement, outcome, input_tokens, error_type)

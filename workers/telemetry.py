@@ -97,10 +97,12 @@ class EngineCollector(Collector):
         yield from (batch, waiting, kv, allocated, capacity, usage, tokens, steps, generations)
 
 
-def serve_metrics(settings: "WorkerSettings", engines: Mapping[str, HasStats]) -> int | None:
-    """Register the engines and start the metrics server; its port, or None when turned off."""
+def serve_metrics(settings: "WorkerSettings", collector: EngineCollector) -> int | None:
+    """Register the engines' collector and start the metrics server; its port, or None when
+    turned off. The caller unregisters the collector when it stops (another runtime in the
+    same process, as in tests, registers its own)."""
     WORKER_INFO.labels(settings.worker_name).set(1)
-    REGISTRY.register(EngineCollector(engines))
+    REGISTRY.register(collector)
     if settings.metrics_port == 0:
         return None
     try:

@@ -5,12 +5,16 @@ and RS256 from an identity provider, with a PEM public key (`jwt_public_key_file
 (`jwks_file`, key chosen by `kid`). The token's `alg` only picks which configured key to try, and
 the decoder is then pinned to that one algorithm with that one key: `alg: none`, other algorithms,
 and HS256 tokens "signed" with the RSA public key (algorithm confusion) are all refused, because
-an HMAC check only ever uses the shared secret. `exp` and `sub` are required; `nbf` is checked
-when present; `iss` and `aud` are checked (and required) when configured.
+an HMAC check only ever uses the shared secret. `exp`, `iat` and `sub` are required, and
+`exp - iat` may not exceed `jwt_max_ttl_s`; `nbf` is checked when present; `iss` and `aud` are
+checked (and required) when configured. A token is revoked by its `jti` (or, without one, by
+its SHA-256): `revocation_id`, which the caller checks against the revocation list.
 """
 
+import hashlib
 import json
 import secrets
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -44,8 +48,9 @@ def mint_account_token(
     secret = _secret(settings)
     if secret is None:
         raise PermissionDeniedError("JWT minting disabled: set ABL_JWT_SECRET")
-    if not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
-        raise ValueError(f"ttl_seconds must be within 1..{MAX_TTL_SECONDS}")
+    longest = min(MAX_TTL_SECONDS, settings.jwt_max_ttl_s)
+    if not 1 <= ttl_seconds <= longest:
+        raise ValueError(f"ttl_seconds must be within 1..{longest}")
     # Whole seconds: the claims are NumericDate integers and expires_at must match them.
     now = datetime.now(UTC).replace(microsecond=0)
     expires_at = now + timedelta(seconds=ttl_seconds)
@@ -129,8 +134,31 @@ def _configured(settings: ApiSettings) -> bool:
     return bool(_secret(settings) or settings.jwt_public_key_file is not None or settings.jwks_file)
 
 
+@dataclass(frozen=True)
+class VerifiedToken:
+    """What a valid token says."""
+
+    account_id: str
+    # The `jti` claim, or `sha256:<hex>` of the token when it has none: what revokes it.
+    revocation_id: str
+    expires_at: datetime
+
+
+def revocation_id_of(token: str, jti: object) -> str:
+    """What identifies a token on the revocation list: its `jti`, else its SHA-256."""
+    if isinstance(jti, str) and jti:
+        return jti
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
 def verify_account_token(settings: ApiSettings, token: str) -> str:
     """The account id (`sub`) of a valid token; AuthenticationError otherwise."""
+    return verify_token(settings, token).account_id
+
+
+def verify_token(settings: ApiSettings, token: str) -> VerifiedToken:
+    """The claims of a valid token (signature, times, lifetime, issuer, audience); not the
+    revocation list, which needs the database. AuthenticationError otherwise."""
     if not _configured(settings):
         raise AuthenticationError("invalid token: JWT authentication is disabled")
     try:
@@ -138,7 +166,7 @@ def verify_account_token(settings: ApiSettings, token: str) -> str:
     except jwt.InvalidTokenError as exc:
         raise AuthenticationError(f"invalid token: {exc}") from exc
     algorithm, key = _key_for(settings, header)
-    required = ["exp", "sub"]
+    required = ["exp", "iat", "sub"]
     if settings.jwt_issuer:
         required.append("iss")
     if settings.jwt_audience:
@@ -175,4 +203,14 @@ def verify_account_token(settings: ApiSettings, token: str) -> str:
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
         raise AuthenticationError("invalid token: 'sub' must name an account")
-    return subject
+    lifetime = claims["exp"] - claims["iat"]
+    if lifetime > settings.jwt_max_ttl_s:
+        raise AuthenticationError(
+            f"invalid token: it is valid for {lifetime:g} s (exp - iat), longer than the"
+            f" {settings.jwt_max_ttl_s} s allowed"
+        )
+    return VerifiedToken(
+        account_id=subject,
+        revocation_id=revocation_id_of(token, claims.get("jti")),
+        expires_at=datetime.fromtimestamp(claims["exp"], UTC),
+    )

@@ -23,14 +23,15 @@ from api.errors import (
 )
 from api.ids import new_message_id
 from api.platform import Platform
-from api.ratelimit import Cost, Limits, RateLimiter, Ticket
+from api.ratelimit import SHARED, Budget, Cost, Limits, RateLimiter, Ticket
 from api.response_headers import ResponseHeaders
+from api.settings import ApiSettings
 from contract.catalog import ModelSpec
 from contract.conversation import Conversation
 from contract.jobs import GenerateJob
 from contract.rendering import TemplateRejected
 from db.ledger import AccountUnavailable, InsufficientCredits, NewRequest, open_request
-from db.pricing import cost_usd, credits_for
+from db.pricing import Prices
 from db.session import in_autocommit
 
 log = logging.getLogger("abl.admission")
@@ -107,9 +108,25 @@ def decide_max_tokens(platform: Platform, spec: ModelSpec, body: MessagesRequest
     return body.max_tokens
 
 
-def rate_subject(principal: Principal) -> str:
-    """Whose budget a request spends: its API key, or its account when it came with a JWT."""
-    return principal.api_key_id or f"account:{principal.account_id}"
+def budgets(principal: Principal, settings: ApiSettings) -> list[Budget]:
+    """What a request spends: its API key's budget (all the account's JWTs share one), and the
+    account's shared budget when it sets one."""
+    own = Budget(
+        principal.account_id,
+        principal.api_key_id or "jwt",
+        Limits.resolve(principal.rate_limits, settings),
+    )
+    if not principal.shared_limits:
+        return [own]
+    return [own, Budget(principal.account_id, SHARED, Limits.shared(principal.shared_limits))]
+
+
+async def spend_count(platform: Platform, principal: Principal) -> dict[str, str]:
+    """Token counting spends one request from the request rates (no slot, no tokens); its
+    rate-limit headers, or RateLimitError (429)."""
+    limiter = RateLimiter(platform.redis, platform.settings)
+    decision = await limiter.spend(budgets(principal, platform.settings), Cost(1, 0, 0))
+    return decision.headers()
 
 
 async def admit(
@@ -124,18 +141,17 @@ async def admit(
     The caller's rate-limit headers, as they stand after each step, go to `headers`.
     """
     limiter = RateLimiter(platform.redis, platform.settings)
-    limits = Limits.resolve(principal.rate_limits, platform.settings)
-    subject = rate_subject(principal)
     spec = resolve_model(platform, body.model)
     input_ids = await tokenize_async(platform, spec, body)
     max_tokens = decide_max_tokens(platform, spec, body, len(input_ids))
     cost = Cost(requests=1, input_tokens=len(input_ids), output_tokens=max_tokens)
-    ticket, decision = await limiter.acquire(subject, limits, cost, request_id)
-    headers.update(decision.headers())
-    worst = cost_usd(
-        len(input_ids), max_tokens, spec.input_price_per_mtok, spec.output_price_per_mtok
+    ticket, decision = await limiter.acquire(
+        budgets(principal, platform.settings), cost, request_id
     )
-    reserve = credits_for(worst, platform.credit_price)
+    headers.update(decision.headers())
+    # The prices in force now go on the request's row: its settlement charges them.
+    prices = Prices(spec.input_price_per_mtok, spec.output_price_per_mtok, platform.credit_price)
+    reserve = prices.credits(len(input_ids), max_tokens)
     message_id = new_message_id()
     new = NewRequest(
         id=request_id,
@@ -147,6 +163,7 @@ async def admit(
         max_tokens=max_tokens,
         input_tokens=len(input_ids),
         credits_reserved=reserve,
+        prices=prices,
     )
     try:
         await run_in_threadpool(_open, platform.database_url, new)
@@ -197,9 +214,8 @@ async def finish(platform: Platform, admitted: Admitted, output_tokens: int | No
 async def current_limit_headers(platform: Platform, principal: Principal) -> dict[str, str]:
     """The caller's rate-limit headers as they stand, charging nothing ({} if Redis is down)."""
     limiter = RateLimiter(platform.redis, platform.settings)
-    limits = Limits.resolve(principal.rate_limits, platform.settings)
     try:
-        return (await limiter.peek(rate_subject(principal), limits)).headers()
+        return (await limiter.peek(budgets(principal, platform.settings))).headers()
     except ApiError:
         return {}
 

@@ -8,7 +8,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api.anthropic import sse
-from api.anthropic.admission import admit, current_limit_headers, resolve_model, tokenize_async
+from api.anthropic.admission import (
+    admit,
+    current_limit_headers,
+    resolve_model,
+    spend_count,
+    tokenize_async,
+)
 from api.anthropic.convert import (
     ContentAssembler,
     ThinkingSignatures,
@@ -152,10 +158,17 @@ async def _stream(run: RequestRun, model: str, claimed: ClaimedEvent) -> AsyncIt
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(
-    body: CountTokensRequest, principal: PrincipalDep, platform: PlatformDep
+    body: CountTokensRequest,
+    principal: PrincipalDep,
+    platform: PlatformDep,
+    headers: HeadersDep,
+    response: Response,
 ) -> TokenCount:
+    """Counted against the caller's request rates, as Anthropic does (no tokens, no slot)."""
     spec = resolve_model(platform, body.model)
+    headers.update(await spend_count(platform, principal))
     ids = await tokenize_async(platform, spec, body)
+    response.headers.update(await headers.resolve())
     return TokenCount(input_tokens=len(ids))
 
 

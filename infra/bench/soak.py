@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 
-from db.ledger import reconcile
 from db.models import Account, Request
+from db.reconcile import reconcile
 from db.session import get_sessionmaker
 from infra.launcher.stack import Stack
 
@@ -142,7 +142,7 @@ def check_books(database_url: str, timeout: float = 60) -> dict[str, object]:
                     .tuples()
                     .all()
                 )
-                bad = reconcile(session)
+                bad = reconcile(session).problems()
                 return {
                     "open_requests": open_,
                     "reserved_credits": int(held),

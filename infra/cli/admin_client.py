@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import httpx
+from httpx import USE_CLIENT_DEFAULT
 from pydantic import SecretStr
 
 from contract.settings import CoreSettings
@@ -68,8 +69,17 @@ class AdminClient:
         *,
         body: Json = None,
         params: Mapping[str, str | int] | None = None,
+        timeout: float | None = None,
     ) -> Json:
-        response = self._http.request(method, path, json=body, params=params)
+        """The decoded body of a success; AdminApiError otherwise. `timeout`: seconds for
+        this call instead of the client's."""
+        response = self._http.request(
+            method,
+            path,
+            json=body,
+            params=params,
+            timeout=USE_CLIENT_DEFAULT if timeout is None else timeout,
+        )
         try:
             data = response.json()
         except ValueError:
@@ -84,14 +94,23 @@ class AdminClient:
 
     def ledger(self, account_id: str, limit: int | None) -> Iterator[Json]:
         """Entries newest first, following `next_before_id`; all of them when limit is None."""
+        return self._pages(f"/admin/accounts/{account_id}/ledger", {}, limit)
+
+    def audit(self, filters: Mapping[str, str], limit: int | None) -> Iterator[Json]:
+        """Audit rows newest first, filtered; all of them when limit is None (or 0)."""
+        return self._pages("/admin/audit", filters, limit or None)
+
+    def _pages(
+        self, path: str, filters: Mapping[str, str | int], limit: int | None
+    ) -> Iterator[Json]:
         before_id: int | None = None
         remaining = limit
         while remaining is None or remaining > 0:
             size = _MAX_PAGE if remaining is None else min(remaining, _MAX_PAGE)
-            params: dict[str, str | int] = {"limit": size}
+            params: dict[str, str | int] = {**filters, "limit": size}
             if before_id is not None:
                 params["before_id"] = before_id
-            page = self.call("GET", f"/admin/accounts/{account_id}/ledger", params=params)
+            page = self.call("GET", path, params=params)
             yield from page["data"]
             if remaining is not None:
                 remaining -= len(page["data"])

@@ -33,7 +33,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-class UpSettings(CoreSettings):
+class MigrationSettings(CoreSettings):
+    """Who migrates: the owner role (ABL_* environment of `abl migrate` and `abl up`)."""
+
+    migration_database_url: str | None = None
+
+
+class UpSettings(MigrationSettings):
     """The operator contract of `make up` (ABL_* environment)."""
 
     host: str = "127.0.0.1"
@@ -113,6 +119,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         workers=settings.workers,
         admin_token=admin_token,
         database_url=settings.database_url,
+        migration_database_url=settings.migration_database_url,
         redis_url=settings.redis_url,
         env=jwt_env(settings),
     )
@@ -135,16 +142,22 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from db.migrate import upgrade
+    from db.migrate import migrate, upgrade
 
-    settings = CoreSettings()
+    settings = MigrationSettings()
     if settings.database_url:
-        upgrade(settings.database_url)
+        migrate(settings.database_url, settings.migration_database_url)
+        console.print("migrated")
+        return 0
+    if settings.migration_database_url:
+        upgrade(settings.migration_database_url)
         console.print("migrated")
         return 0
     postgres = EmbeddedPostgres(settings.data_dir)
     try:
-        upgrade(postgres.start())
+        postgres.start()
+        assert postgres.migration_url is not None
+        upgrade(postgres.migration_url)
     finally:
         postgres.stop()
     console.print(f"migrated the embedded database in {postgres.pgdata}")

@@ -26,12 +26,17 @@ from typing import Any
 
 import psycopg
 import redis
+from psycopg import sql
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 PG_SYSTEM_USER = "abl-postgres"
 PG_SUPERUSER = "postgres"
+# The role that owns the schema and runs migrations, and the application's, which owns nothing
+# (migrations/versions/0003_app_role.py grants it what it may do).
+OWNER_ROLE = "abl_owner"
+APP_ROLE = "abl_app"
 DATABASE_NAME = "abl"
 DEBIAN_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 _PR_SET_PDEATHSIG = 1
@@ -306,21 +311,31 @@ class _EmbeddedServer:
 
 
 class EmbeddedPostgres(_EmbeddedServer):
-    """A PostgreSQL server over `data_dir/postgres`; as root, run as an unprivileged system user."""
+    """A PostgreSQL server over `data_dir/postgres`; as root, run as an unprivileged system user.
+
+    Three roles, each with a random password kept in a 0600 file under the data dir: the
+    superuser (only this class uses it, to set the others up), the owner of the `abl` database
+    (`migration_url`: migrations) and the application's role (`url`).
+    """
 
     name = "postgres"
     # SIGINT is PostgreSQL's fast shutdown (what `pg_ctl stop -m fast` sends), SIGQUIT immediate.
     stop_signals = (signal.SIGINT, signal.SIGQUIT)
+    migration_url: str | None = None
 
     @property
     def pgdata(self) -> Path:
         return self.data_dir / "postgres"
 
     def start(self) -> str:
-        """Start (initdb on first use); return a SQLAlchemy URL to the `abl` database."""
+        """Start (initdb on first use); return the application's SQLAlchemy URL to `abl`."""
         t0 = time.monotonic()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         password = read_or_create_secret(self.data_dir / "postgres.password")
+        roles = {
+            OWNER_ROLE: read_or_create_secret(self.data_dir / "postgres-owner.password"),
+            APP_ROLE: read_or_create_secret(self.data_dir / "postgres-app.password"),
+        }
         self.pgdata.mkdir(mode=0o700, exist_ok=True)
         run_as = self._run_as()
         bin_dir = _pg_bin_dir(self.pgdata)
@@ -338,12 +353,17 @@ class EmbeddedPostgres(_EmbeddedServer):
             argv += ["-c", setting]
         argv += ["-c", "max_connections=200"]
         admin = f"host={self.listen_host} port={port} user={PG_SUPERUSER} password={password} "
-        admin += "dbname=postgres connect_timeout=2"
-        self._run(argv, lambda: self._create_database(admin), env=_PG_ENV, **run_as)
+        admin += "connect_timeout=2"
+        self._run(argv, lambda: _prepare_database(admin, roles), env=_PG_ENV, **run_as)
         self.start_seconds = time.monotonic() - t0
-        host = self.listen_host
-        self.url = f"postgresql+psycopg://{PG_SUPERUSER}:{password}@{host}:{port}/{DATABASE_NAME}"
+        where = f"{self.listen_host}:{port}/{DATABASE_NAME}"
+        self.migration_url = f"postgresql+psycopg://{OWNER_ROLE}:{roles[OWNER_ROLE]}@{where}"
+        self.url = f"postgresql+psycopg://{APP_ROLE}:{roles[APP_ROLE]}@{where}"
         return self.url
+
+    def stop(self, timeout: float = 30.0) -> None:
+        super().stop(timeout)
+        self.migration_url = None
 
     def _allow_clients(self, cidr: str) -> None:
         """Password logins from `cidr` too (initdb's pg_hba.conf allows loopback only)."""
@@ -385,12 +405,65 @@ class EmbeddedPostgres(_EmbeddedServer):
         if result.returncode != 0:
             raise ServiceError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
 
-    @staticmethod
-    def _create_database(conninfo: str) -> None:
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            query = "SELECT 1 FROM pg_database WHERE datname = %s"
-            if conn.execute(query, [DATABASE_NAME]).fetchone() is None:
-                conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
+
+# Hands every table, view, sequence and function of the schema to the owner role: data created
+# before there was one (migrated as the superuser) moves to it. A sequence owned by a column
+# moves with its table.
+_HAND_OVER = """
+DO $$
+DECLARE
+    item record;
+BEGIN
+    FOR item IN
+        SELECT c.oid::regclass AS name, c.relkind FROM pg_class AS c
+        JOIN pg_namespace AS n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm')
+            AND c.relowner <> 'abl_owner'::regrole
+    LOOP
+        EXECUTE format('ALTER %s %s OWNER TO abl_owner',
+            CASE item.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                ELSE 'TABLE' END, item.name);
+    END LOOP;
+    FOR item IN
+        SELECT c.oid::regclass AS name FROM pg_class AS c
+        JOIN pg_namespace AS n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'public' AND c.relkind = 'S' AND c.relowner <> 'abl_owner'::regrole
+    LOOP
+        EXECUTE format('ALTER SEQUENCE %s OWNER TO abl_owner', item.name);
+    END LOOP;
+    FOR item IN
+        SELECT p.oid::regprocedure AS name FROM pg_proc AS p
+        JOIN pg_namespace AS n ON n.oid = p.pronamespace
+        WHERE n.nspname = 'public' AND p.proowner <> 'abl_owner'::regrole
+    LOOP
+        EXECUTE format('ALTER FUNCTION %s OWNER TO abl_owner', item.name);
+    END LOOP;
+END
+$$
+"""
+
+
+def _prepare_database(superuser: str, roles: dict[str, str]) -> None:
+    """The owner and application roles (with the passwords given), and the `abl` database,
+    owned by the owner role with everything in it. Run as the superuser on every start."""
+    attributes = {OWNER_ROLE: sql.SQL("LOGIN CREATEDB"), APP_ROLE: sql.SQL("LOGIN")}
+    with psycopg.connect(superuser + " dbname=postgres", autocommit=True) as conn:
+        for role, password in roles.items():
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone()
+            verb = sql.SQL("ALTER ROLE" if exists else "CREATE ROLE")
+            conn.execute(
+                sql.SQL("{} {} {} PASSWORD {}").format(
+                    verb, sql.Identifier(role), attributes[role], sql.Literal(password)
+                )
+            )
+        query = "SELECT 1 FROM pg_database WHERE datname = %s"
+        database, owner = sql.Identifier(DATABASE_NAME), sql.Identifier(OWNER_ROLE)
+        if conn.execute(query, [DATABASE_NAME]).fetchone() is None:
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(database, owner))
+        else:
+            conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(database, owner))
+    with psycopg.connect(f"{superuser} dbname={DATABASE_NAME}", autocommit=True) as conn:
+        conn.execute(_HAND_OVER)
 
 
 class EmbeddedRedis(_EmbeddedServer):

@@ -141,6 +141,7 @@ class Stack:
         workers: int = 1,
         admin_token: str | None = None,
         database_url: str | None = None,
+        migration_database_url: str | None = None,
         redis_url: str | None = None,
         env: Mapping[str, str] | None = None,
         log_dir: Path | None = None,
@@ -156,7 +157,10 @@ class Stack:
         self.port = port
         self.worker_count = workers
         self.admin_token = admin_token or secrets.token_urlsafe(32)
+        # The application's (restricted) role, and the owner role that migrates (None with a
+        # given database_url: migrations then run as database_url's role, with a warning).
         self.database_url = database_url
+        self.migration_database_url = migration_database_url
         self.redis_url = redis_url
         self.extra_env = dict(env or {})
         self.log_dir = Path(log_dir).resolve() if log_dir else self.data_dir / "logs"
@@ -320,6 +324,7 @@ class Stack:
     def _start_services(self) -> None:
         if self._embedded_db:
             self.database_url = self._postgres.start()
+            self.migration_database_url = self._postgres.migration_url
             self.timings["postgres"] = self._postgres.start_seconds or 0.0
         if self._embedded_redis:
             self.redis_url = self._redis.start()
@@ -327,10 +332,10 @@ class Stack:
 
     def _migrate(self) -> None:
         from db.bootstrap import ensure_demo_account
-        from db.migrate import upgrade
+        from db.migrate import migrate
 
         assert self.database_url is not None
-        upgrade(self.database_url)
+        migrate(self.database_url, self.migration_database_url)
         self.demo_api_key = ensure_demo_account(self.database_url, self.data_dir)
 
     def _start_model_build(self) -> None:

@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 
 from contract.jobs import TASK_GENERATE, GenerateJob, SamplingParams
 from contract.queueing import interactive_lanes
-from db.ledger import reconcile
 from db.models import Account, Request
+from db.reconcile import reconcile
 from db.session import get_sessionmaker
 from infra.bench.observe import descendants
 from infra.launcher.stack import Stack
@@ -93,7 +93,8 @@ def books_are_straight(stack: Stack) -> None:
 
     wait_for(settled, timeout=30)
     with get_sessionmaker(stack.database_url)() as session:
-        assert reconcile(session) == []
+        report = reconcile(session)
+        assert report.ok, report.problems()
 
 
 def request_row(stack: Stack, request_id: str) -> Request:

@@ -10,6 +10,7 @@ import pytest
 
 from api.ids import new_message_id, new_request_id
 from db.ledger import NewRequest, Outcome, open_request, settle_request
+from db.pricing import Prices
 from db.session import transaction
 
 pytestmark = pytest.mark.integration
@@ -24,6 +25,7 @@ ACCOUNT_FIELDS = {
     "disabled",
     "created_at",
     "rate_limits",
+    "shared_rate_limits",
 }
 LEDGER_FIELDS = {
     "id",
@@ -238,6 +240,7 @@ def test_credits_grant_and_adjustment(admin: httpx.Client) -> None:
     entry = body["ledger_entry"]
     assert (entry["kind"], entry["amount"], entry["balance_after"]) == ("grant", 40, 140)
     assert (entry["reason"], entry["account_id"]) == ("top-up", account_id)
+    assert entry["created_by"] == "admin:admin"  # the name of ABL_ADMIN_TOKEN
 
     adjusted = admin.post(path, json={"amount": -15}).json()
     assert adjusted["credits"] == 125
@@ -284,6 +287,7 @@ def test_adjustment_below_reserved_credits_is_400(stack: Any, admin: httpx.Clien
                 max_tokens=64,
                 input_tokens=8,
                 credits_reserved=600,
+                prices=Prices(Decimal(5), Decimal(5), Decimal("0.001")),
             ),
         )
     account = admin.get(f"/admin/accounts/{account_id}").json()
@@ -308,15 +312,14 @@ def test_adjustment_below_reserved_credits_is_400(stack: Any, admin: httpx.Clien
     )
     assert [(e["kind"], e["amount"]) for e in record["ledger_entries"]] == [("reserve", 600)]
     with transaction(stack.database_url) as session:
-        outcome = Outcome(
-            status="cancelled", output_tokens=1, cost_usd=Decimal("0.000005"), credits_charged=1
-        )
+        # Charged at the request's prices: (8 + 1) tokens at $5 per million, one credit.
+        outcome = Outcome(status="cancelled", output_tokens=1, billable=True)
         settle_request(session, request_id, outcome)
     record = admin.get(f"/admin/requests/{request_id}").json()
     assert (record["status"], record["credits_charged"], record["cost_usd"]) == (
         "cancelled",
         1,
-        "0.000005",
+        "0.000045",
     )
     assert record["finished_at"] is not None
     assert [(e["kind"], e["amount"]) for e in record["ledger_entries"]] == [
@@ -379,14 +382,16 @@ def test_create_list_and_revoke_a_key(stack: Any, admin: httpx.Client) -> None:
     _error(_message(stack, key["key"]), 401, "authentication_error")
 
 
-def test_key_without_limits_takes_the_account_defaults(admin: httpx.Client) -> None:
+def test_a_key_stores_only_the_limits_it_sets(admin: httpx.Client) -> None:
+    """The account's defaults are read per request (tests/integration/test_limits.py), never
+    copied into the key."""
     account_id = _account(admin, rate_limits={"requests_per_minute": 7})["id"]
     path = f"/admin/accounts/{account_id}/keys"
     plain = admin.post(path, json={}).json()
     assert (plain["name"], plain["expires_at"]) == (None, None)
-    assert plain["rate_limits"] == {"requests_per_minute": 7}
+    assert plain["rate_limits"] is None
     own = admin.post(path, json={"rate_limits": {"concurrent_requests": 2}}).json()
-    assert own["rate_limits"] == {"requests_per_minute": 7, "concurrent_requests": 2}
+    assert own["rate_limits"] == {"concurrent_requests": 2}
     assert plain["key"] != own["key"]
 
 
@@ -421,10 +426,10 @@ def test_mint_token(stack: Any, admin: httpx.Client) -> None:
     response = admin.post(f"/admin/accounts/{account_id}/tokens", json={"ttl_seconds": 120})
     assert response.status_code == 201, response.text
     body = response.json()
-    assert set(body) == {"token", "expires_at", "account_id"}
+    assert set(body) == {"token", "expires_at", "account_id", "jti"}
     assert body["account_id"] == account_id
     claims = jwt.decode(body["token"], options={"verify_signature": False})
-    assert claims["sub"] == account_id
+    assert (claims["sub"], claims["jti"]) == (account_id, body["jti"])
     assert claims["exp"] - claims["iat"] == 120
     assert datetime.fromisoformat(body["expires_at"]).timestamp() == claims["exp"]
 

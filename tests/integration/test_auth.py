@@ -229,7 +229,13 @@ def test_rs256_with_a_jwks_file(stack: Stack, make_account: AccountFactory, tmp_
     }
     account = make_account()
     now = int(time.time())
-    claims = {"sub": account.id, "iss": "https://idp.test", "aud": "abl-api", "exp": now + 60}
+    claims = {
+        "sub": account.id,
+        "iss": "https://idp.test",
+        "aud": "abl-api",
+        "iat": now,
+        "exp": now + 60,
+    }
     public_pem = private_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )

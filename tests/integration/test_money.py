@@ -22,7 +22,7 @@ from api.ids import new_message_id, new_request_id
 from contract.keys import heartbeat_key
 from db.ledger import NewRequest, Outcome, claim_request, open_request, settle_request
 from db.models import Account, LedgerEntry, Request
-from db.pricing import cost_usd, credits_for
+from db.pricing import Prices, cost_usd, credits_for
 from db.session import get_sessionmaker, transaction
 from db.stuck_requests import sweep
 from infra.launcher.stack import Stack
@@ -34,6 +34,8 @@ pytestmark = pytest.mark.integration
 MODEL = "abliterated-model"
 PRICE_PER_MTOK = Decimal(5)
 CREDIT_USD = Decimal("0.001")
+# Requests opened here directly, at ten times the catalogue's price so charges are whole credits.
+PRICES = Prices(Decimal(50), Decimal(50), CREDIT_USD)
 INSUFFICIENT = re.compile(
     r"insufficient credits: this request may cost up to (\d+) credits, available (\d+)"
 )
@@ -168,6 +170,7 @@ def _new_request(request_id: str, account_id: str, hold: int) -> NewRequest:
         max_tokens=100,
         input_tokens=20,
         credits_reserved=hold,
+        prices=PRICES,
     )
 
 
@@ -185,7 +188,7 @@ def test_settling_a_real_request_again_changes_nothing(
     charged, entries_before = before.credits_charged, ledger(db, request_id=request_id)
 
     assert stack.database_url is not None
-    again = Outcome("succeeded", before.output_tokens + 50, Decimal(1), charged + 3)
+    again = Outcome("succeeded", before.output_tokens + 50, billable=True)
     for _ in range(2):
         with transaction(stack.database_url) as session:
             settlement = settle_request(session, request_id, again)
@@ -203,7 +206,8 @@ def test_concurrent_settlements_charge_once(
     database_url = stack.database_url
     account = make_account(credits=100)
     request_id = _open_claimed(database_url, account.id, 10, "test-settler")
-    outcome = Outcome("succeeded", 40, Decimal("0.0003"), 3)
+    # (20 + 40) tokens at $50 per million: $0.003, three credits.
+    outcome = Outcome("succeeded", 40, billable=True)
     barrier = threading.Barrier(4)
 
     def settle(_: int) -> bool:

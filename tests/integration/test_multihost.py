@@ -19,8 +19,8 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
-from db.ledger import reconcile
 from db.models import Account, Request
+from db.reconcile import reconcile
 from db.session import get_sessionmaker
 from infra.launcher.stack import Stack
 from tests.netns import VirtualHosts, netns_unavailable
@@ -175,7 +175,8 @@ def books_are_straight(stack: Stack) -> None:
 
     wait_for(settled, timeout=60)
     with sessions() as session:
-        assert reconcile(session) == []
+        report = reconcile(session)
+        assert report.ok, report.problems()
 
 
 def test_workers_reach_the_services_from_their_own_hosts(

@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from api.errors import RateLimitError
-from api.ratelimit import Cost, Limits, RateLimiter
+from api.ratelimit import Budget, Cost, Limits, RateLimiter
 from api.settings import ApiSettings
 from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory
@@ -84,66 +84,72 @@ def _run(stack: Stack, work: Any) -> Any:
     return asyncio.run(main())
 
 
+def _budget(limits: Limits) -> list[Budget]:
+    """A key's budget under a fresh account (keys of its own in Redis)."""
+    return [Budget(f"acct_test{secrets.token_hex(8)}", "key_test", limits)]
+
+
 def test_gcra_refills_one_unit_per_interval(stack: Stack) -> None:
-    subject, now = f"test:{secrets.token_hex(8)}", [T0]
-    limits = Limits(60, 10**6, 10**6, 1000)
+    now = [T0]
+    budget = _budget(Limits(60, 10**6, 10**6, 1000))
 
     async def work(client: aioredis.Redis) -> None:
         limiter = RateLimiter(client, ApiSettings(), clock_ms=lambda: now[0])
         for i in range(60):
-            _, decision = await limiter.acquire(subject, limits, Cost(1, 1, 1), f"r{i}")
-        assert decision.requests.remaining == 0
+            _, decision = await limiter.acquire(budget, Cost(1, 1, 1), f"r{i}")
+        assert decision.states[0].requests.remaining == 0
         with pytest.raises(RateLimitError) as info:
-            await limiter.acquire(subject, limits, Cost(1, 1, 1), "late")
+            await limiter.acquire(budget, Cost(1, 1, 1), "late")
         assert info.value.retry_after == 1
         now[0] += 999
         with pytest.raises(RateLimitError):
-            await limiter.acquire(subject, limits, Cost(1, 1, 1), "still-late")
+            await limiter.acquire(budget, Cost(1, 1, 1), "still-late")
         now[0] += 1
-        _, decision = await limiter.acquire(subject, limits, Cost(1, 1, 1), "on-time")
-        assert decision.requests.remaining == 0
+        _, decision = await limiter.acquire(budget, Cost(1, 1, 1), "on-time")
+        assert decision.states[0].requests.remaining == 0
 
     _run(stack, work)
 
 
 def test_all_or_nothing_refunds_and_debt(stack: Stack) -> None:
-    subject, now = f"test:{secrets.token_hex(8)}", [T0]
-    limits = Limits(100, 600, 10**6, 1000)
+    now = [T0]
+    budget = _budget(Limits(100, 600, 10**6, 1000))
 
     async def work(client: aioredis.Redis) -> None:
         limiter = RateLimiter(client, ApiSettings(), clock_ms=lambda: now[0])
-        ticket, _ = await limiter.acquire(subject, limits, Cost(1, 500, 10), "a")
+        ticket, _ = await limiter.acquire(budget, Cost(1, 500, 10), "a")
         with pytest.raises(RateLimitError) as info:
-            await limiter.acquire(subject, limits, Cost(1, 200, 10), "b")
+            await limiter.acquire(budget, Cost(1, 200, 10), "b")
         assert "input tokens" in info.value.message
         # Refused on input only, so nothing else was taken.
-        state = await limiter.peek(subject, limits)
+        (state,) = (await limiter.peek(budget)).states
         assert (state.requests.remaining, state.output_tokens.remaining) == (99, 10**6 - 10)
         after = await limiter.release(ticket, Cost(1, 500, 10))
-        assert after.input_tokens.remaining == 600 and after.requests.remaining == 100
+        (after_state,) = after.states
+        assert after_state.input_tokens.remaining == 600 and after_state.requests.remaining == 100
         # Bigger than a whole bucket: admitted from a full bucket, leaving it 600 in debt,
         # so the next token is 601 * 100 ms away.
-        await limiter.acquire(subject, limits, Cost(1, 1200, 0), "huge")
+        await limiter.acquire(budget, Cost(1, 1200, 0), "huge")
         with pytest.raises(RateLimitError) as info:
-            await limiter.acquire(subject, limits, Cost(1, 1, 0), "after-huge")
+            await limiter.acquire(budget, Cost(1, 1, 0), "after-huge")
         assert info.value.retry_after == 61
 
     _run(stack, work)
 
 
 def test_in_flight_slots_expire_with_their_lease(stack: Stack) -> None:
-    subject, now = f"test:{secrets.token_hex(8)}", [T0]
-    limits = Limits(1000, 10**6, 10**6, 1)
+    now = [T0]
+    budget = _budget(Limits(1000, 10**6, 10**6, 1))
     settings = ApiSettings(request_timeout_s=10)
 
     async def work(client: aioredis.Redis) -> None:
         limiter = RateLimiter(client, settings, clock_ms=lambda: now[0])
-        await limiter.acquire(subject, limits, Cost(1, 1, 1), "held")
+        await limiter.acquire(budget, Cost(1, 1, 1), "held")
         with pytest.raises(RateLimitError) as info:
-            await limiter.acquire(subject, limits, Cost(1, 1, 1), "second")
+            await limiter.acquire(budget, Cost(1, 1, 1), "second")
         assert "concurrent requests" in info.value.message
         now[0] += (10 + 60) * 1000 + 1  # request timeout + margin: the holder died
-        await limiter.acquire(subject, limits, Cost(1, 1, 1), "third")
+        await limiter.acquire(budget, Cost(1, 1, 1), "third")
 
     _run(stack, work)
 

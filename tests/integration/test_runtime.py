@@ -6,6 +6,7 @@ broker would (acknowledgements and requeues)."""
 import json
 import threading
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from contract.jobs import GenerateJob, SamplingParams
 from contract.keys import cancel_key, events_channel
 from db.ledger import NewRequest, open_request
 from db.models import LedgerEntry, Request
+from db.pricing import Prices
 from db.session import in_autocommit, transaction
 from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory
@@ -95,6 +97,7 @@ def new_job(stack: Stack, account_id: str, prompt: list[int], max_tokens: int = 
         max_tokens=max_tokens,
         input_tokens=len(prompt),
         credits_reserved=1,
+        prices=Prices(Decimal(5), Decimal(5), Decimal("0.001")),
     )
     assert stack.database_url is not None
     in_autocommit(stack.database_url, lambda conn: open_request(conn, opened))

@@ -1,4 +1,4 @@
-"""The admin guard on its own: no database, one route behind it."""
+"""The admin guard on its own: no database, no Redis (an in-memory throttle), one route."""
 
 from typing import Any, Protocol
 
@@ -7,26 +7,52 @@ from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from api.admin.access import AdminDep
-from api.errors import install_error_handlers
+from api.admin.access import Admin, AdminDep, matching_name
+from api.errors import RateLimitError, install_error_handlers
 from api.settings import ApiSettings
 
 TOKEN = "admin-unit-token"
 
 
-def _client(admin_token: str | None) -> TestClient:
+class CountingThrottle:
+    """The throttle's contract in memory: refuse past `limit` failures until a success."""
+
+    def __init__(self, limit: int = 3) -> None:
+        self.limit = limit
+        self.failures: dict[str, int] = {}
+
+    async def check(self, address: str) -> int:
+        count = self.failures.get(address, 0)
+        if count >= self.limit:
+            raise RateLimitError("too many failed admin authentications", retry_after=7)
+        return count
+
+    async def failed(self, address: str) -> None:
+        self.failures[address] = self.failures.get(address, 0) + 1
+
+    async def succeeded(self, address: str) -> None:
+        self.failures.pop(address, None)
+
+
+def _client(
+    admin_token: str | None,
+    admin_tokens: str | None = None,
+    throttle: CountingThrottle | None = None,
+) -> TestClient:
     router = APIRouter(prefix="/admin", dependencies=[AdminDep])
 
     @router.get("/ping")
-    def ping() -> dict[str, bool]:
-        return {"ok": True}
+    def ping(admin: Admin) -> dict[str, object]:
+        return {"ok": True, "admin": admin.name}
 
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(router)
     app.state.settings = ApiSettings(
-        admin_token=SecretStr(admin_token) if admin_token is not None else None
+        admin_token=SecretStr(admin_token) if admin_token is not None else None,
+        admin_tokens=SecretStr(admin_tokens) if admin_tokens is not None else None,
     )
+    app.state.admin_throttle = throttle or CountingThrottle(limit=1000)
     return TestClient(app)
 
 
@@ -50,7 +76,7 @@ def _error(response: _Response, status: int, error_type: str) -> str:
 def test_right_token_passes() -> None:
     response = _client(TOKEN).get("/admin/ping", headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 200
-    assert response.json() == {"ok": True}
+    assert response.json() == {"ok": True, "admin": "admin"}
 
 
 @pytest.mark.parametrize(
@@ -78,4 +104,36 @@ def test_wrong_token_is_401(sent: str) -> None:
 def test_unconfigured_admin_token_disables_the_api(configured: str | None) -> None:
     response = _client(configured).get("/admin/ping", headers={"Authorization": "Bearer "})
     message = _error(response, 403, "permission_error")
-    assert message == "admin API disabled: set ABL_ADMIN_TOKEN"
+    assert message == "admin API disabled: set ABL_ADMIN_TOKEN or ABL_ADMIN_TOKENS"
+
+
+def test_each_named_token_is_known_by_its_name() -> None:
+    client = _client(TOKEN, "ops=ops-token-1,ci=ci-token-22")
+    for token, name in ((TOKEN, "admin"), ("ops-token-1", "ops"), ("ci-token-22", "ci")):
+        response = client.get("/admin/ping", headers={"Authorization": f"Bearer {token}"})
+        assert response.json()["admin"] == name
+    only_named = _client(None, "ops=ops-token-1")
+    response = only_named.get("/admin/ping", headers={"Authorization": "Bearer ops-token-1"})
+    assert response.json()["admin"] == "ops"
+    assert matching_name({"a": "x", "b": "y"}, "z") is None
+
+
+def test_wrong_tokens_are_throttled_and_right_ones_unaffected() -> None:
+    throttle = CountingThrottle(limit=3)
+    client = _client(TOKEN, throttle=throttle)
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    wrong = {"Authorization": "Bearer guess"}
+    for _ in range(2):
+        _error(client.get("/admin/ping", headers=wrong), 401, "authentication_error")
+    # A success below the limit is served, and forgets the failures.
+    assert client.get("/admin/ping", headers=right).status_code == 200
+    assert throttle.failures == {}
+    # Missing tokens are not guesses.
+    for _ in range(5):
+        _error(client.get("/admin/ping"), 401, "authentication_error")
+    assert throttle.failures == {}
+    for _ in range(3):
+        _error(client.get("/admin/ping", headers=wrong), 401, "authentication_error")
+    refused = client.get("/admin/ping", headers=right)
+    _error(refused, 429, "rate_limit_error")
+    assert refused.headers["retry-after"] == "7"

@@ -12,7 +12,7 @@ from infra.cli.settings_doc import env_names
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 # Variables the compose file itself reads (no process does).
-COMPOSE_ONLY = {"ABL_POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"}
+COMPOSE_ONLY = {"ABL_POSTGRES_PASSWORD", "ABL_APP_POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"}
 WORKERS = ("worker", "worker-gpu")
 
 
@@ -122,3 +122,12 @@ def test_prometheus_scrapes_the_api_and_every_worker(services: dict[str, dict[st
     (dns,) = jobs["abl-worker"]["dns_sd_configs"]
     assert set(dns["names"]) == set(WORKERS) and dns["type"] == "A"
     assert str(dns["port"]) == services["worker"]["environment"]["ABL_METRICS_PORT"]
+
+
+def test_only_migrate_connects_as_the_schema_owner(services: dict[str, dict[str, Any]]) -> None:
+    migrate = services["migrate"]["environment"]
+    assert migrate["ABL_MIGRATION_DATABASE_URL"].startswith("postgresql+psycopg://abl:")
+    for name in ("api", *WORKERS):
+        env = services[name]["environment"]
+        assert "ABL_MIGRATION_DATABASE_URL" not in env, name
+        assert env["ABL_DATABASE_URL"].startswith("postgresql+psycopg://abl_app:"), name

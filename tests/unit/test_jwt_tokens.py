@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import SecretStr
 
-from api.admin.jwt_tokens import mint_account_token, verify_account_token
+from api.admin.jwt_tokens import mint_account_token, verify_account_token, verify_token
 from api.errors import AuthenticationError, PermissionDeniedError
 from api.settings import ApiSettings
 
@@ -142,10 +142,41 @@ def test_alg_none_is_refused(settings: ApiSettings) -> None:
         assert _refused(settings, token).startswith("invalid token:")
 
 
-def test_iat_is_optional(settings: ApiSettings) -> None:
+def test_a_token_without_iat_is_refused(settings: ApiSettings) -> None:
+    """Without iat its lifetime is unknown, so the longest allowed cannot be enforced."""
     claims = _claims()
     del claims["iat"]
-    assert verify_account_token(settings, jwt.encode(claims, SECRET, algorithm="HS256")) == ACCOUNT
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
+    assert _refused(settings, token) == "invalid token: missing the 'iat' claim"
+
+
+def test_a_token_living_longer_than_the_maximum_is_refused(settings: ApiSettings) -> None:
+    short = settings.model_copy(update={"jwt_max_ttl_s": 600})
+    now = int(time.time())
+    exact = jwt.encode(_claims(iat=now, exp=now + 600), SECRET, algorithm="HS256")
+    assert verify_account_token(short, exact) == ACCOUNT
+    longer = jwt.encode(_claims(iat=now, exp=now + 601), SECRET, algorithm="HS256")
+    message = _refused(short, longer)
+    assert "601 s (exp - iat)" in message and "600 s allowed" in message
+    # Backdating iat to look short-lived does not help: exp - iat is what counts.
+    backdated = jwt.encode(_claims(iat=now - 3600, exp=now + 60), SECRET, algorithm="HS256")
+    assert "3660 s" in _refused(short, backdated)
+
+
+def test_a_token_is_revoked_by_its_jti_or_else_its_hash(settings: ApiSettings) -> None:
+    with_jti = jwt.encode(_claims(jti="the-jti"), SECRET, algorithm="HS256")
+    assert verify_token(settings, with_jti).revocation_id == "the-jti"
+    without = jwt.encode(_claims(), SECRET, algorithm="HS256")
+    digest = hashlib.sha256(without.encode()).hexdigest()
+    assert verify_token(settings, without).revocation_id == f"sha256:{digest}"
+
+
+def test_minting_refuses_a_lifetime_over_the_maximum(settings: ApiSettings) -> None:
+    short = settings.model_copy(update={"jwt_max_ttl_s": 600})
+    with pytest.raises(ValueError, match=r"1\.\.600"):
+        mint_account_token(short, ACCOUNT, 601)
+    token, _ = mint_account_token(short, ACCOUNT, 600)
+    assert verify_token(short, token).account_id == ACCOUNT
 
 
 @pytest.mark.parametrize("algorithm", ["HS512", "HS384"])

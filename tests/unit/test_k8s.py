@@ -144,6 +144,8 @@ def test_api(docs: list[Doc]) -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert {"ABL_DATABASE_URL", "ABL_REDIS_URL", "ABL_ADMIN_TOKEN"} <= set(env_of(container))
+    # Only the migrate Job may act as the schema's owner.
+    assert "ABL_MIGRATION_DATABASE_URL" not in env_of(container)
     annotations = api["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(container["ports"][0]["containerPort"])
 
@@ -179,4 +181,5 @@ def test_migrate_job(docs: list[Doc]) -> None:
     (job,) = of_kind(docs, "Job")
     (container,) = pod_spec(job)["containers"]
     assert "abl migrate" in " ".join(container["command"])
+    assert {"ABL_DATABASE_URL", "ABL_MIGRATION_DATABASE_URL"} <= set(env_of(container))
     assert pod_spec(job)["restartPolicy"] in ("OnFailure", "Never")

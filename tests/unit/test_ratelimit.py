@@ -10,7 +10,11 @@ from api.ratelimit import (
     BLOCKED_INPUT,
     BLOCKED_OUTPUT,
     BLOCKED_REQUESTS,
+    SHARED,
+    UNLIMITED,
     Bucket,
+    Budget,
+    BudgetState,
     Decision,
     Limits,
     parse_reply,
@@ -28,16 +32,23 @@ SETTINGS = ApiSettings(
 NOW_MS = int(datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC).timestamp() * 1000)
 
 
-def _decision(blocked: int = 0, wait_ms: int = 0) -> Decision:
-    return Decision(
+KEY = Budget("acct_unit", "key_unit", Limits(60, 1000, 500, 3))
+
+
+def _decision(blocked: int = 0, wait_ms: int = 0, budget: Budget = KEY) -> Decision:
+    state = BudgetState(
+        budget=budget,
         blocked=blocked,
-        retry_after_ms=wait_ms,
-        now_ms=NOW_MS,
         in_flight=1,
         requests=Bucket(60, 59, NOW_MS + 1000),
         input_tokens=Bucket(1000, 900, NOW_MS + 6000),
         output_tokens=Bucket(500, 250, NOW_MS + 30_500),
     )
+    return Decision(retry_after_ms=wait_ms, now_ms=NOW_MS, states=(state,))
+
+
+def test_a_shared_budget_limits_only_what_it_sets() -> None:
+    assert Limits.shared({"requests_per_minute": 5}) == Limits(5, UNLIMITED, UNLIMITED, UNLIMITED)
 
 
 def test_defaults_fill_what_is_not_configured() -> None:
@@ -103,20 +114,40 @@ def test_rfc3339_ms() -> None:
     ],
 )
 def test_message_names_the_limits_that_refused(blocked: int, fragments: list[str]) -> None:
-    message = rate_limit_message(_decision(blocked, 2500), Limits(60, 1000, 500, 3))
+    message = rate_limit_message(_decision(blocked, 2500))
     for fragment in fragments:
         assert fragment in message
+    assert "shared" not in message
     assert message.endswith("Retry after 3 s.")
 
 
+def test_message_says_when_the_accounts_shared_budget_refused() -> None:
+    shared = Budget("acct_unit", SHARED, Limits(60, UNLIMITED, UNLIMITED, UNLIMITED))
+    message = rate_limit_message(_decision(BLOCKED_REQUESTS, 1000, shared))
+    assert "your account's shared rate limit of 60 per minute" in message
+
+
 def test_parse_reply_maps_the_flat_script_answer() -> None:
-    reply = [2, 1500, NOW_MS, 3, 59, NOW_MS + 1000, 0, NOW_MS + 61_000, 400, NOW_MS + 2000]
-    decision = parse_reply(reply, Limits(60, 1000, 500, 4))
+    key = Budget("acct_unit", "key_unit", Limits(60, 1000, 500, 4))
+    shared = Budget("acct_unit", SHARED, Limits(10, 5000, 5000, 9))
+    per_key = [3, 59, NOW_MS + 1000, 0, NOW_MS + 61_000, 400, NOW_MS + 2000]
+    per_shared = [5, 4, NOW_MS + 6000, 4000, NOW_MS, 4000, NOW_MS]
+    # The key refused on input (bit 2), the shared budget on requests (bit 1 of its nibble).
+    reply = [BLOCKED_INPUT | BLOCKED_REQUESTS << 4, 1500, NOW_MS, *per_key, *per_shared]
+    decision = parse_reply(reply, [key, shared])
     assert not decision.allowed
-    assert decision.blocked == BLOCKED_INPUT
+    key_state, shared_state = decision.states
+    assert (key_state.blocked, shared_state.blocked) == (BLOCKED_INPUT, BLOCKED_REQUESTS)
     assert decision.retry_after_ms == 1500
-    assert decision.in_flight == 3
-    assert decision.requests == Bucket(60, 59, NOW_MS + 1000)
-    assert decision.input_tokens == Bucket(1000, 0, NOW_MS + 61_000)
-    assert decision.output_tokens == Bucket(500, 400, NOW_MS + 2000)
-    assert parse_reply([0, *reply[1:]], Limits(60, 1000, 500, 4)).allowed
+    assert (key_state.in_flight, shared_state.in_flight) == (3, 5)
+    assert key_state.requests == Bucket(60, 59, NOW_MS + 1000)
+    assert key_state.input_tokens == Bucket(1000, 0, NOW_MS + 61_000)
+    assert key_state.output_tokens == Bucket(500, 400, NOW_MS + 2000)
+    assert shared_state.requests == Bucket(10, 4, NOW_MS + 6000)
+    # Headers follow whichever budget has less left: requests from the shared one.
+    headers = decision.headers()
+    assert headers["anthropic-ratelimit-requests-limit"] == "10"
+    assert headers["anthropic-ratelimit-requests-remaining"] == "4"
+    assert headers["anthropic-ratelimit-input-tokens-remaining"] == "0"
+    allowed = parse_reply([0, *reply[1:]], [key, shared])
+    assert allowed.allowed

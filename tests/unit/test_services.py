@@ -41,9 +41,12 @@ def sleeper() -> Iterator[int]:
 def test_postgres_serves_the_abl_database_and_keeps_data_across_restarts(data_dir: Path) -> None:
     pg = EmbeddedPostgres(data_dir)
     url = pg.start()
-    assert url.startswith("postgresql+psycopg://postgres:")
+    assert url.startswith("postgresql+psycopg://abl_app:")
     assert url.endswith(f"@127.0.0.1:{pg.port}/abl")
-    with psycopg.connect(libpq_url(url)) as conn:
+    assert pg.migration_url is not None
+    owner = pg.migration_url
+    assert owner.startswith("postgresql+psycopg://abl_owner:")
+    with psycopg.connect(libpq_url(owner)) as conn:
         conn.execute("CREATE TABLE kept (value text)")
         conn.execute("INSERT INTO kept VALUES ('before restart')")
     pid = pg.pid
@@ -53,10 +56,49 @@ def test_postgres_serves_the_abl_database_and_keeps_data_across_restarts(data_di
     assert _leftover_pids(pg.pgdata, "postgres") == []
 
     again = EmbeddedPostgres(data_dir)
-    with psycopg.connect(libpq_url(again.start())) as conn:
+    again.start()
+    assert again.migration_url == owner  # the passwords are kept in the data dir
+    with psycopg.connect(libpq_url(again.migration_url or "")) as conn:
         assert conn.execute("SELECT value FROM kept").fetchall() == [("before restart",)]
     again.stop()
     assert _leftover_pids(pg.pgdata, "postgres") == []
+
+
+def test_the_application_role_owns_nothing_and_creates_nothing(data_dir: Path) -> None:
+    pg = EmbeddedPostgres(data_dir)
+    app = libpq_url(pg.start())
+    try:
+        with psycopg.connect(app) as conn:
+            row = conn.execute(
+                "SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles"
+                " WHERE rolname = current_user"
+            ).fetchone()
+            assert row == (False, False, False)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("CREATE TABLE mine (value text)")
+    finally:
+        pg.stop()
+
+
+def test_tables_the_superuser_created_are_handed_to_the_owner(data_dir: Path) -> None:
+    """A data dir from before the owner role: its tables move to the owner on start."""
+    pg = EmbeddedPostgres(data_dir)
+    pg.start()
+    password = (data_dir / "postgres.password").read_text().strip()
+    superuser = f"host=127.0.0.1 port={pg.port} user=postgres dbname=abl password={password}"
+    with psycopg.connect(superuser) as conn:
+        conn.execute("CREATE TABLE old_table (id bigserial PRIMARY KEY)")
+    pg.stop()
+    pg.start()
+    try:
+        with psycopg.connect(superuser) as conn:
+            owners = conn.execute(
+                "SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_class AS c"
+                " WHERE c.relname IN ('old_table', 'old_table_id_seq') ORDER BY 1"
+            ).fetchall()
+        assert owners == [("old_table", "abl_owner"), ("old_table_id_seq", "abl_owner")]
+    finally:
+        pg.stop()
 
 
 def test_postgres_requires_its_password(data_dir: Path) -> None:
@@ -71,7 +113,8 @@ def test_postgres_requires_its_password(data_dir: Path) -> None:
 
 def test_postgres_starts_after_a_crash_with_a_recycled_pid(data_dir: Path, sleeper: int) -> None:
     pg = EmbeddedPostgres(data_dir)
-    with psycopg.connect(libpq_url(pg.start())) as conn:
+    pg.start()
+    with psycopg.connect(libpq_url(pg.migration_url or "")) as conn:
         conn.execute("CREATE TABLE kept (n int)")
         conn.execute("INSERT INTO kept VALUES (1)")
     assert pg.pid is not None
@@ -83,7 +126,8 @@ def test_postgres_starts_after_a_crash_with_a_recycled_pid(data_dir: Path, sleep
     pid_file.write_text("\n".join([str(sleeper), *lines[1:]]) + "\n")
 
     again = EmbeddedPostgres(data_dir)
-    with psycopg.connect(libpq_url(again.start())) as conn:
+    again.start()
+    with psycopg.connect(libpq_url(again.migration_url or "")) as conn:
         assert conn.execute("SELECT n FROM kept").fetchall() == [(1,)]
     again.stop()
     assert pid_alive(sleeper)
