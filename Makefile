@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install up test lint typecheck check fmt bench bench-usage soak fuzz
+.PHONY: install up test lint typecheck check fmt bench bench-usage bench-abuse soak fuzz
 
 install: $(STAMP)
 
@@ -47,6 +47,11 @@ bench: $(STAMP)
 # machine's PostgreSQL, postgres@127.0.0.1:5432), 1M requests, 3M ledger rows; docs/billing.md.
 bench-usage: $(STAMP)
 	$(BIN)/python -m infra.bench.billing $(if $(ABL_BENCH_DATABASE_URL),--database-url $(ABL_BENCH_DATABASE_URL)) $(BENCH_USAGE_ARGS)
+
+# Huge bodies without valid credentials (and with a key) against a fresh stack: the API's memory
+# and /healthz latency meanwhile; bench-results/abuse.json, docs/security.md.
+bench-abuse: $(STAMP)
+	$(BIN)/python -m infra.bench.abuse $(BENCH_ABUSE_ARGS)
 
 soak: $(STAMP)
 	$(BIN)/abl soak $(SOAK_ARGS)

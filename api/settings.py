@@ -46,6 +46,9 @@ class ApiSettings(CoreSettings):
     liveness_check_s: float = Field(default=1.0, gt=0)
     # Anthropic's limit for Messages and Token Counting.
     max_body_bytes: int = 32 * 1024 * 1024
+    # JSON values (array elements and object members) a body may hold: bounds the memory and
+    # time that parsing and validating one body take (api/request_body.py, docs/security.md).
+    max_json_values: int = Field(default=100_000, ge=1)
     # Comma-separated models that each need a live worker for /readyz to answer 200;
     # empty: every model in the catalogue (api/health.py).
     ready_models: str = ""

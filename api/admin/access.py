@@ -4,6 +4,7 @@ import hmac
 from typing import Annotated, NoReturn
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.credentials import credential_of, is_inference_credential
@@ -35,6 +36,13 @@ def require_admin(
         _refuse(request, settings, "missing admin token: send Authorization: Bearer <token>")
     if not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
         _refuse(request, settings, "invalid admin token")
+
+
+async def verify_admin(request: Request) -> None:
+    """`require_admin` outside FastAPI's dependencies: api/gate.py runs it on the headers
+    before the body is read (a refusal may read the database, hence the thread)."""
+    credentials = await _bearer(request)
+    await run_in_threadpool(require_admin, request, admin_settings(request), credentials)
 
 
 def _refuse(request: Request, settings: ApiSettings, message: str) -> NoReturn:

@@ -35,13 +35,14 @@ from api.admin.schemas import (
     TokenOut,
 )
 from api.errors import InvalidRequestError, NotFoundError
+from api.request_body import BodyRoute
 from db.accounts import create_account, create_api_key, revoke_key
 from db.ledger import AccountUnavailable, InsufficientCredits, append_balance_entry, reconcile
 from db.models import Account, ApiKey, LedgerEntry, Request
 from db.pages import keyset_page
 from db.session import transaction
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep], route_class=BodyRoute)
 
 # `created_by` of ledger rows written here: there is one admin credential, not one per person.
 CREATED_BY = "admin-api"
