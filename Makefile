@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install up test lint typecheck check fmt bench bench-usage bench-abuse soak fuzz
+.PHONY: install up test lint typecheck check fmt bench bench-usage bench-abuse soak fuzz \
+	k8s-secrets
 
 install: $(STAMP)
 
@@ -52,6 +53,10 @@ bench-usage: $(STAMP)
 # and /healthz latency meanwhile; bench-results/abuse.json, docs/security.md.
 bench-abuse: $(STAMP)
 	$(BIN)/python -m infra.bench.abuse $(BENCH_ABUSE_ARGS)
+
+# The Secrets infra/deploy/k8s generates, with fresh values (files under its secrets/, git-ignored).
+k8s-secrets: $(STAMP)
+	$(BIN)/python -m infra.cli.k8s_secrets $(K8S_SECRETS_ARGS)
 
 soak: $(STAMP)
 	$(BIN)/abl soak $(SOAK_ARGS)

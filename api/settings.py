@@ -2,16 +2,38 @@
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic_settings import SettingsConfigDict
 
 from contract.settings import CoreSettings
 
+# Shorter secrets are refused ("shorter than 32" is literal: 32 characters pass).
+MIN_SECRET_CHARS = 32
+PLACEHOLDER = "REPLACE_ME"
+GENERATE_SECRET = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+def secret_problem(variable: str, value: str) -> str | None:
+    """Why `value` cannot be the secret `variable` (a placeholder, or too short), with how to
+    make a good one; None when it can."""
+    if PLACEHOLDER in value:
+        reason = f"still holds a {PLACEHOLDER} placeholder"
+    elif len(value) < MIN_SECRET_CHARS:
+        reason = f"is {len(value)} characters long, shorter than {MIN_SECRET_CHARS}"
+    else:
+        return None
+    return f"{variable} {reason}; generate one with: {GENERATE_SECRET}"
+
 
 class ApiSettings(CoreSettings):
+    # A refused secret is not echoed into the logs.
+    model_config = SettingsConfigDict(**{**CoreSettings.model_config, "hide_input_in_errors": True})
+
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: SecretStr | None = None
-    # HS256 secret for JWTs minted by /admin/accounts/{id}/tokens and accepted as Bearer.
+    # HS256 secret for JWTs minted by /admin/accounts/{id}/tokens and accepted as Bearer; at
+    # least 32 characters, no REPLACE_ME (the process refuses to start otherwise).
     jwt_secret: SecretStr | None = None
     # PEM public key that verifies RS256 JWTs from an identity provider.
     jwt_public_key_file: Path | None = None
@@ -52,3 +74,15 @@ class ApiSettings(CoreSettings):
     # Comma-separated models that each need a live worker for /readyz to answer 200;
     # empty: every model in the catalogue (api/health.py).
     ready_models: str = ""
+
+    @field_validator("admin_token", "jwt_secret")
+    @classmethod
+    def _strong_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """Unset (or empty) turns the feature off; a placeholder or a short secret is refused,
+        so the process does not start with a guessable credential."""
+        if value is None or not value.get_secret_value():
+            return None
+        problem = secret_problem(f"ABL_{(info.field_name or '').upper()}", value.get_secret_value())
+        if problem is not None:
+            raise ValueError(problem)
+        return value

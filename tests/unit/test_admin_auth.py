@@ -11,7 +11,7 @@ from api.admin.access import AdminDep
 from api.errors import install_error_handlers
 from api.settings import ApiSettings
 
-TOKEN = "admin-unit-token"
+TOKEN = "admin-unit-token-" + "0123456789abcdef" * 2
 
 
 def _client(admin_token: str | None) -> TestClient:
