@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install up test lint typecheck check fmt bench bench-usage bench-fairness soak fuzz
+.PHONY: install up test lint typecheck check fmt bench bench-usage bench-fairness bench-abuse \
+	soak fuzz k8s-secrets
 
 install: $(STAMP)
 
@@ -51,6 +52,15 @@ bench-usage: $(STAMP)
 # Account B's time to first token while account A floods 300 streams (infra/bench/fairness.py).
 bench-fairness: $(STAMP)
 	$(BIN)/python -m infra.bench.fairness $(FAIRNESS_ARGS)
+
+# Huge bodies without valid credentials (and with a key) against a fresh stack: the API's memory
+# and /healthz latency meanwhile; bench-results/abuse.json, docs/security.md.
+bench-abuse: $(STAMP)
+	$(BIN)/python -m infra.bench.abuse $(BENCH_ABUSE_ARGS)
+
+# The Secrets infra/deploy/k8s generates, with fresh values (files under its secrets/, git-ignored).
+k8s-secrets: $(STAMP)
+	$(BIN)/python -m infra.cli.k8s_secrets $(K8S_SECRETS_ARGS)
 
 soak: $(STAMP)
 	$(BIN)/abl soak $(SOAK_ARGS)

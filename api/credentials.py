@@ -105,6 +105,11 @@ def is_inference_credential(settings: ApiSettings, credential: str) -> bool:
 
 
 async def authenticate(request: Request) -> Principal:
+    """The caller's principal; found once per request (api/gate.py runs this before the body
+    is read, and the route's dependency then finds the principal on the request)."""
+    known = getattr(request.state, "principal", None)
+    if isinstance(known, Principal):
+        return known
     platform = request.app.state.platform
     credential = credential_of(request)
     if credential.startswith(KEY_PREFIX) or credential.count(".") != 2:

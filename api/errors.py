@@ -30,6 +30,9 @@ NO_RETRY_STATUSES = frozenset({400, 401, 402, 403, 404, 405, 413})
 _LOC_SOURCES = frozenset({"body", "query", "path", "header", "cookie"})
 # Root-level type errors: the body was JSON but not an object.
 _NOT_AN_OBJECT = frozenset({"model_attributes_type", "model_type", "dict_type"})
+# Request state under which api/request_body.py keeps a body's validation errors (found off the
+# event loop), with how many there were in all: they replace FastAPI's errors about the body.
+BODY_ERRORS_STATE = "body_errors"
 
 
 class ApiError(Exception):
@@ -220,9 +223,24 @@ async def _handle_api_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, exc.status, exc.error_type, exc.message, headers)
 
 
+def _validation_errors(request: Request, exc: RequestValidationError) -> tuple[list[Any], int]:
+    """The errors to report, and how many there were: the body's own, when they were found
+    before FastAPI looked at it (FastAPI then only saw a stand-in that fails at once)."""
+    errors = list(exc.errors())
+    kept = getattr(request.state, BODY_ERRORS_STATE, None)
+    if kept is None:
+        return errors, len(errors)
+    body_errors, total = kept
+    others = [e for e in errors if (e.get("loc") or ("",))[0] != "body"]
+    return [*others, *body_errors], len(others) + total
+
+
 async def _handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    message = format_validation_errors(exc.errors())
+    errors, total = _validation_errors(request, exc)
+    message = format_validation_errors(errors)
+    if total > len(errors):
+        message += f" (and {total - len(errors)} more errors)"
     headers = await response_headers(request).resolve()
     return error_response(request, 400, InvalidRequestError.error_type, message, headers)
 
@@ -263,12 +281,25 @@ async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+_OUTAGES = (DBAPIError, RedisConnectionError, RedisTimeoutError)
+
+
+async def handled_error_response(request: Request, exc: Exception) -> JSONResponse | None:
+    """The answer the app's handlers give `exc`, for middleware that runs before the routes
+    (api/gate.py); None for an exception they leave to the server's error handling."""
+    if isinstance(exc, ApiError):
+        return await _handle_api_error(request, exc)
+    if isinstance(exc, _OUTAGES):
+        return await _handle_dependency_down(request, exc)
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; call once from create_app()."""
     app.add_exception_handler(ApiError, _handle_api_error)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(HTTPException, _handle_http_exception)
-    for outage in (DBAPIError, RedisConnectionError, RedisTimeoutError):
+    for outage in _OUTAGES:
         app.add_exception_handler(outage, _handle_dependency_down)
     # Starlette runs this in ServerErrorMiddleware (outermost), then re-raises for the server log.
     app.add_exception_handler(Exception, _handle_unexpected)

@@ -5,7 +5,6 @@ catalogue, which always holds the default model. So by default the default model
 worker; a deployment that serves only other models names them in `ABL_READY_MODELS`.
 """
 
-import json
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -16,7 +15,7 @@ from sqlalchemy import text
 
 from api.deps import PlatformDep
 from api.platform import Platform
-from contract.keys import HEARTBEAT_PATTERN
+from contract.worker_registry import LIVE_WORKERS_CALL, LIVE_WORKERS_SCRIPT, live_payloads
 from db.session import get_engine
 
 router = APIRouter()
@@ -33,13 +32,10 @@ def _check_database(database_url: str) -> None:
 
 
 async def live_workers(client: aioredis.Redis) -> list[dict[str, Any]]:
-    """The heartbeat payloads of the workers alive now (name, models, active, engines)."""
-    keys = [k async for k in client.scan_iter(match=HEARTBEAT_PATTERN, count=500)]
-    workers: list[dict[str, Any]] = []
-    for raw in await client.mget(keys) if keys else []:
-        if raw:
-            workers.append(json.loads(raw))
-    return workers
+    """The heartbeat payloads of the workers alive now (name, models, active, engines): one
+    script over the live-worker registry, never a scan of the keyspace."""
+    script = client.register_script(LIVE_WORKERS_SCRIPT)
+    return live_payloads(await script(**LIVE_WORKERS_CALL))
 
 
 def required_models(platform: Platform) -> list[str]:

@@ -14,9 +14,11 @@ from api.admin import usage as admin_usage
 from api.admin.throttle import RedisAdminThrottle
 from api.anthropic import routes as anthropic_routes
 from api.errors import install_error_handlers
+from api.gate import CredentialGateMiddleware
 from api.middleware import BodyLimitMiddleware, JsonBodyMiddleware, RequestIdMiddleware
 from api.openapi import install_openapi
 from api.platform import Platform
+from api.request_body import BodyParser
 from api.settings import ApiSettings
 from api.versions import check_anthropic_version
 from contract.logs import request_logger
@@ -41,6 +43,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="Abliterated inference platform", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.body_parser = BodyParser.of(settings)
     install_error_handlers(app)
     install_openapi(app)
     app.include_router(anthropic_routes.router, dependencies=[Depends(check_anthropic_version)])
@@ -51,9 +54,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(admin_usage.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
-    # Outermost last: the request id exists before the body limit can refuse a request.
+    # Outermost last: the request id exists before the gate or the body limit can refuse a
+    # request, and the gate refuses bad credentials before any body is read.
     app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(CredentialGateMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(metrics.HttpMetricsMiddleware)
     return app

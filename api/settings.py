@@ -3,7 +3,8 @@
 import re
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from contract.settings import CoreSettings
 
@@ -29,8 +30,28 @@ def parse_admin_tokens(value: str) -> dict[str, str]:
         tokens[name] = token
     return tokens
 
+# Shorter secrets are refused ("shorter than 32" is literal: 32 characters pass).
+MIN_SECRET_CHARS = 32
+PLACEHOLDER = "REPLACE_ME"
+GENERATE_SECRET = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+def secret_problem(variable: str, value: str) -> str | None:
+    """Why `value` cannot be the secret `variable` (a placeholder, or too short), with how to
+    make a good one; None when it can."""
+    if PLACEHOLDER in value:
+        reason = f"still holds a {PLACEHOLDER} placeholder"
+    elif len(value) < MIN_SECRET_CHARS:
+        reason = f"is {len(value)} characters long, shorter than {MIN_SECRET_CHARS}"
+    else:
+        return None
+    return f"{variable} {reason}; generate one with: {GENERATE_SECRET}"
+
 
 class ApiSettings(CoreSettings):
+    # A refused secret is not echoed into the logs.
+    model_config = SettingsConfigDict(**{**CoreSettings.model_config, "hide_input_in_errors": True})
+
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: SecretStr | None = None
@@ -42,7 +63,8 @@ class ApiSettings(CoreSettings):
     admin_auth_max_failures: int = Field(default=10, ge=1)
     # Seconds of that window, from the address's first failure.
     admin_auth_window_s: int = Field(default=300, ge=1)
-    # HS256 secret for JWTs minted by /admin/accounts/{id}/tokens and accepted as Bearer.
+    # HS256 secret for JWTs minted by /admin/accounts/{id}/tokens and accepted as Bearer; at
+    # least 32 characters, no REPLACE_ME (the process refuses to start otherwise).
     jwt_secret: SecretStr | None = None
     # PEM public key that verifies RS256 JWTs from an identity provider.
     jwt_public_key_file: Path | None = None
@@ -82,13 +104,20 @@ class ApiSettings(CoreSettings):
     liveness_check_s: float = Field(default=1.0, gt=0)
     # Anthropic's limit for Messages and Token Counting.
     max_body_bytes: int = 32 * 1024 * 1024
+    # JSON values (array elements and object members) a body may hold: bounds the memory and
+    # time that parsing and validating one body take (api/request_body.py, docs/security.md).
+    max_json_values: int = Field(default=100_000, ge=1)
     # Comma-separated models that each need a live worker for /readyz to answer 200;
     # empty: every model in the catalogue (api/health.py).
     ready_models: str = ""
 
     @model_validator(mode="after")
     def _admin_tokens_parse(self) -> "ApiSettings":
-        self.admin_credentials()  # refuses a malformed list at startup, naming the problem
+        # Refuses a malformed list, or a weak token in it, at startup, naming the problem.
+        for name, token in self.admin_credentials().items():
+            problem = secret_problem(f"ABL_ADMIN_TOKENS ({name})", token)
+            if problem is not None:
+                raise ValueError(problem)
         return self
 
     def admin_credentials(self) -> dict[str, str]:
@@ -104,3 +133,14 @@ class ApiSettings(CoreSettings):
                 raise ValueError("ABL_ADMIN_TOKEN is also in ABL_ADMIN_TOKENS")
             named[DEFAULT_ADMIN_NAME] = token
         return named
+    @field_validator("admin_token", "jwt_secret")
+    @classmethod
+    def _strong_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """Unset (or empty) turns the feature off; a placeholder or a short secret is refused,
+        so the process does not start with a guessable credential."""
+        if value is None or not value.get_secret_value():
+            return None
+        problem = secret_problem(f"ABL_{(info.field_name or '').upper()}", value.get_secret_value())
+        if problem is not None:
+            raise ValueError(problem)
+        return value

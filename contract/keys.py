@@ -5,7 +5,9 @@ shares are in `contract.queueing`)."""
 CANCEL_CHANNEL = "abl:cancel"
 # A worker's heartbeat key is this prefix plus its name; it expires when the worker dies.
 HEARTBEAT_PREFIX = "abl:worker:"
-HEARTBEAT_PATTERN = HEARTBEAT_PREFIX + "*"
+# The live workers: a sorted set of worker names, each scored with the Redis time (seconds)
+# until which its last heartbeat holds (contract/worker_registry.py). Read it, never SCAN.
+WORKER_REGISTRY = "abl:workers"
 
 
 def events_channel(request_id: str) -> str:

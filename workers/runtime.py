@@ -10,7 +10,6 @@ of threads.
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -39,12 +38,14 @@ from contract.events import (
 from contract.jobs import GenerateJob
 from contract.keys import (
     CANCEL_CHANNEL,
+    WORKER_REGISTRY,
     cancel_key,
     events_channel,
     heartbeat_key,
     lease_key,
 )
 from contract.queueing import TAKE, interactive_lanes, queued_accounts_key, queued_jobs_key
+from contract.worker_registry import HEARTBEAT_SCRIPT, heartbeat_call
 from db.ledger import Outcome, Settlement, claim_request, settle_request
 from db.pricing import Prices
 from db.session import in_autocommit
@@ -184,15 +185,17 @@ class WorkerRuntime:
             thread.start()
             self._threads.append(thread)
         # After the heartbeat thread: the sweeper first frees this name's orphaned requests.
-        self.sweeper = Sweeper(self.settings, self.redis, heartbeat_key)
+        self.sweeper = Sweeper(self.settings, self.redis)
         self.sweeper.start()
 
     def stop(self) -> None:
         if self.sweeper is not None:
             self.sweeper.stop()
         self._stop.set()
-        with contextlib.suppress(redis.RedisError):
-            self.redis.delete(heartbeat_key(self.settings.worker_name))
+        with contextlib.suppress(redis.RedisError), self.redis.pipeline() as pipe:
+            pipe.zrem(WORKER_REGISTRY, self.settings.worker_name)
+            pipe.delete(heartbeat_key(self.settings.worker_name))
+            pipe.execute()
         for engine in self.engines.values():
             engine.stop()
         self.pump.stop()
@@ -219,8 +222,9 @@ class WorkerRuntime:
         return [lane for queue in models for lane in interactive_lanes(queue, lanes)]
 
     def _heartbeat_loop(self) -> None:
-        key = heartbeat_key(self.settings.worker_name)
-        ttl = max(1, int(self.settings.heartbeat_s * 3))
+        beat = self.redis.register_script(HEARTBEAT_SCRIPT)
+        # Three beats: one late or lost beat does not make a live worker look dead.
+        lifetime_s = self.settings.heartbeat_s * 3
         while not self._stop.is_set():
             payload = {
                 "name": self.settings.worker_name,
@@ -232,7 +236,8 @@ class WorkerRuntime:
             }
             try:
                 with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.set(key, json.dumps(payload), ex=ttl)
+                    call = heartbeat_call(self.settings.worker_name, payload, lifetime_s)
+                    beat(client=pipe, **call)
                     for request_id in list(self._active):
                         pipe.set(
                             lease_key(request_id), self.settings.worker_name, ex=self._lease_ttl

@@ -10,12 +10,13 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import redis
 from sqlalchemy.exc import SQLAlchemyError
 
 from contract.keys import CANCEL_CHANNEL, cancel_key
+from contract.worker_registry import LIVE_WORKERS_CALL, LIVE_WORKERS_SCRIPT, live_names
 from db.session import transaction
 from db.stuck_requests import SWEEP_BATCH, release_orphans, sweep
 from workers.settings import WorkerSettings
@@ -26,18 +27,22 @@ log = logging.getLogger("abl.worker.sweeper")
 CANCEL_FLAG_TTL_S = 3600
 
 
+def registry_reader(client: redis.Redis) -> Callable[[], Collection[str]]:
+    """The names in the live-worker registry now (contract/worker_registry.py)."""
+    script = client.register_script(LIVE_WORKERS_SCRIPT)
+    return lambda: live_names(script(**LIVE_WORKERS_CALL))
+
+
 class HeartbeatWatch:
-    """`is_worker_alive` from Redis heartbeat keys, with a grace period before "dead"."""
+    """`is_worker_alive` from the live-worker registry, with a grace period before "dead"."""
 
     def __init__(
         self,
-        client: redis.Redis,
-        key_of: Callable[[str], str],
+        live: Callable[[], Collection[str]],
         grace_s: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._client = client
-        self._key_of = key_of
+        self._live = live
         self._grace_s = grace_s
         self._clock = clock
         # worker -> (first seen without a heartbeat, last seen without one)
@@ -45,7 +50,7 @@ class HeartbeatWatch:
 
     def __call__(self, worker: str) -> bool:
         """Raises RedisError when Redis cannot answer: unknown is not dead."""
-        if self._client.exists(self._key_of(worker)):
+        if worker in self._live():
             self._missing.pop(worker, None)
             return True
         now = self._clock()
@@ -59,14 +64,12 @@ class HeartbeatWatch:
 class Sweeper:
     """start() / stop() a daemon thread that sweeps every `sweep_interval_s` (jittered)."""
 
-    def __init__(
-        self, settings: WorkerSettings, client: redis.Redis, heartbeat_key: Callable[[str], str]
-    ) -> None:
+    def __init__(self, settings: WorkerSettings, client: redis.Redis) -> None:
         self.settings = settings
         self._redis = client
         self._database_url = settings.require_database_url()
         # A heartbeat lives three beats; a worker gone that long is dead.
-        self._alive = HeartbeatWatch(client, heartbeat_key, grace_s=3 * settings.heartbeat_s)
+        self._alive = HeartbeatWatch(registry_reader(client), grace_s=3 * settings.heartbeat_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -74,6 +74,13 @@ async def require_admin(
     return AdminIdentity(name, address, request_id_of(request))
 
 
+async def verify_admin(request: Request) -> AdminIdentity:
+    """`require_admin` outside FastAPI's dependencies: api/gate.py runs it on the headers
+    before the body is read."""
+    credentials = await _bearer(request)
+    return await require_admin(request, admin_settings(request), credentials)
+
+
 async def _refuse(
     request: Request,
     settings: ApiSettings,

@@ -38,6 +38,7 @@ from api.admin.schemas import (
     TokenOut,
 )
 from api.errors import InvalidRequestError, NotFoundError
+from api.request_body import BodyRoute
 from db.accounts import create_account, create_api_key, revoke_key
 from db.ledger import AccountUnavailable, InsufficientCredits, append_balance_entry
 from db.models import Account, ApiKey, LedgerEntry, Request
@@ -45,7 +46,7 @@ from db.pages import keyset_page
 from db.reconcile import reconcile
 from db.session import transaction
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep], route_class=BodyRoute)
 
 
 def _account(session: Session, account_id: str) -> Account:

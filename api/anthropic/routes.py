@@ -30,6 +30,7 @@ from api.credentials import PrincipalDep
 from api.deps import PlatformDep
 from api.errors import ApiError, request_id_of
 from api.metrics import RequestMeter
+from api.request_body import BodyRoute
 from api.response_headers import ResponseHeaders, response_headers
 from contract.events import (
     BlockStartEvent,
@@ -42,7 +43,7 @@ from contract.events import (
 # nginx's code for a client that went away before the answer; nobody reads it.
 CLIENT_CLOSED_REQUEST = 499
 
-router = APIRouter()
+router = APIRouter(route_class=BodyRoute)
 
 
 def _collect_headers(

@@ -11,10 +11,18 @@ from typing import Any
 
 from api.anthropic.protocol import StopReason
 
+# Characters that JSON allows raw inside strings but that some line splitters treat as line
+# ends (JavaScript before ES2019, Python's str.splitlines, NEL-aware readers): escaped, so a
+# frame's `data:` line stays one line for every client.
+_LINE_BREAKS = (("\u2028", "\\u2028"), ("\u2029", "\\u2029"), ("\u0085", "\\u0085"))
+
 
 def sse_event(event: str, data: dict[str, Any]) -> bytes:
     """`event: X\\ndata: {compact JSON with "type": X}\\n\\n`."""
     payload = json.dumps({"type": event, **data}, separators=(",", ":"), ensure_ascii=False)
+    for raw, escaped in _LINE_BREAKS:
+        if raw in payload:  # rare: a scan is cheaper than a copy
+            payload = payload.replace(raw, escaped)
     return f"event: {event}\ndata: {payload}\n\n".encode()
 
 

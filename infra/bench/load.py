@@ -71,6 +71,7 @@ async def stream_once(
     deltas = 0
     try:
         async with client.stream("POST", "/v1/messages", json=body) as response:
+            record.status = time.perf_counter() - start
             record.request_id = response.headers.get("request-id")
             if response.status_code != 200:
                 await response.aread()
@@ -97,6 +98,8 @@ async def stream_once(
                     deltas += 1
                     if disconnect_after is not None and deltas >= disconnect_after:
                         break
+                elif event == "message_start":
+                    record.message_start = time.perf_counter() - start
                 elif event == "message_delta":
                     record.tokens = int(json.loads(line[6:])["usage"]["output_tokens"])
                 elif event == "message_stop":

@@ -1,6 +1,5 @@
 """Looking at the platform from outside while it is under load: heartbeats, RSS, request rows."""
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -9,7 +8,7 @@ from typing import Any
 import httpx
 import redis
 
-from contract.keys import HEARTBEAT_PATTERN
+from contract.worker_registry import LIVE_WORKERS_CALL, LIVE_WORKERS_SCRIPT, live_payloads
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -18,8 +17,8 @@ def heartbeats(redis_url: str) -> list[dict[str, Any]]:
     """Every live worker's last heartbeat (its name, models, engine stats, recent cancels)."""
     client = redis.Redis.from_url(redis_url)
     try:
-        keys = list(client.scan_iter(match=HEARTBEAT_PATTERN, count=500))
-        return [json.loads(raw) for raw in client.mget(keys) if raw] if keys else []
+        script = client.register_script(LIVE_WORKERS_SCRIPT)
+        return live_payloads(script(**LIVE_WORKERS_CALL))
     finally:
         client.close()
 

@@ -12,6 +12,7 @@ from rich.table import Table
 MIN_VS_SEQUENTIAL = 5.0
 MIN_VS_ENGINE = 0.8
 MAX_TTFT_OVERHEAD_MS = 15.0
+MAX_CLAIM_WAIT_MS = 2.0
 MAX_WORKER_RSS_MB = 1024.0
 
 
@@ -31,7 +32,16 @@ def _fmt(value: Any) -> str:
 
 def phase_table(run: dict[str, Any], title: str) -> Table:
     table = Table(title=title)
-    columns = ("phase", "tok/s", "req/s", "TTFT p50/p99", "ITL p50/p99", "TPOT p50", "E2E p50/p99")
+    columns = (
+        "phase",
+        "tok/s",
+        "req/s",
+        "status p50",
+        "TTFT p50/p99",
+        "ITL p50/p99",
+        "TPOT p50",
+        "E2E p50/p99",
+    )
     for name in columns:
         table.add_column(name, justify="left" if name == "phase" else "right")
     table.add_column("failed", justify="right")
@@ -40,6 +50,7 @@ def phase_table(run: dict[str, Any], title: str) -> Table:
         "sequential model.generate",
         _fmt(seq["output_tokens_per_s"]),
         _fmt(seq["requests_per_s"]),
+        "",
         "",
         "",
         "",
@@ -54,6 +65,7 @@ def phase_table(run: dict[str, Any], title: str) -> Table:
                 label,
                 _fmt(s["output_tokens_per_s"]),
                 _fmt(s["requests_per_s"]),
+                _fmt(s.get("status_ms_p50")),
                 f"{_fmt(s['ttft_ms_p50'])} / {_fmt(s['ttft_ms_p99'])}",
                 f"{_fmt(s['itl_ms_p50'])} / {_fmt(s['itl_ms_p99'])}",
                 _fmt(s["tpot_ms_p50"]),
@@ -87,6 +99,12 @@ def targets_table(throughput: dict[str, Any]) -> Table:
             ratios["ttft_p50_platform_minus_engine_ms"],
             f"<= {MAX_TTFT_OVERHEAD_MS}",
             lambda v: v <= MAX_TTFT_OVERHEAD_MS,
+        ),
+        (
+            f"TTFT cost of waiting for `claimed` p50, c={low} (ms)",
+            ratios["claim_wait_ttft_cost_ms"],
+            f"<= {MAX_CLAIM_WAIT_MS}",
+            lambda v: v <= MAX_CLAIM_WAIT_MS,
         ),
     ]
     table = Table(title=f"targets ({len(runs)} repeat(s): median [min, max])")

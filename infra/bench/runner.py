@@ -156,6 +156,8 @@ def ratios(run: dict[str, Any], levels: list[int]) -> dict[str, float | None]:
     ttft_p = run["levels"][low]["platform"]["ttft_ms_p50"]
     ttft_e = run["levels"][low]["engine"]["ttft_ms_p50"]
     return {
+        # Issue 15, item 11: the most that holding the stream until `claimed` adds to TTFT.
+        "claim_wait_ttft_cost_ms": run["levels"][low]["platform"]["status_to_message_start_ms_p50"],
         "concurrency_high": int(high),
         "concurrency_low": int(low),
         "platform_vs_sequential": round(platform / sequential, 2) if platform else None,
@@ -184,7 +186,12 @@ def _throughput(config: BenchConfig, running: Running, progress: Progress) -> di
         baseline_rss = rss_mb(os.getpid())
     finally:
         baselines.close()
-    keys = ("platform_vs_sequential", "platform_vs_engine", "ttft_p50_platform_minus_engine_ms")
+    keys = (
+        "platform_vs_sequential",
+        "platform_vs_engine",
+        "ttft_p50_platform_minus_engine_ms",
+        "claim_wait_ttft_cost_ms",
+    )
     return {
         "runs": runs,
         "ratios": {k: spread([r["ratios"][k] for r in runs]) for k in keys},

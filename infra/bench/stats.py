@@ -14,7 +14,10 @@ class RequestRecord:
     error: str | None = None
     # Output tokens as the server counted them (usage.output_tokens / the engine's count).
     tokens: int = 0
-    # Time to the first non-empty text, and to the end of the response.
+    # Time to the response's status line (for a stream: once a worker claimed the request), to
+    # its message_start event, to the first non-empty text, and to the end of the response.
+    status: float | None = None
+    message_start: float | None = None
     ttft: float | None = None
     e2e: float | None = None
     # Gaps between successive text events (one per SSE delta; a delta may hold several tokens).
@@ -51,6 +54,15 @@ def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict[str, Any]
         if r.e2e is not None and r.ttft is not None and r.tokens > 1
     ]
     tokens = sum(r.tokens for r in done)
+    statuses = [r.status for r in done if r.status is not None]
+    # What the API does between the worker's `claimed` event and relaying anything else: the
+    # status line, then message_start. The first token can wait for that, never for more.
+    starts = [
+        r.message_start - r.status
+        for r in done
+        if r.message_start is not None and r.status is not None
+    ]
+    after_status = [r.ttft - r.status for r in done if r.ttft is not None and r.status is not None]
     return {
         "requests": len(records),
         "failed": len(records) - len(done),
@@ -59,6 +71,9 @@ def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict[str, Any]
         "wall_s": round(wall_s, 3),
         "output_tokens_per_s": round(tokens / wall_s, 1) if wall_s > 0 else None,
         "requests_per_s": round(len(done) / wall_s, 2) if wall_s > 0 else None,
+        "status_ms_p50": _ms(percentile(statuses, 50)),
+        "status_to_message_start_ms_p50": _ms(percentile(starts, 50), 3),
+        "status_to_first_token_ms_p50": _ms(percentile(after_status, 50)),
         "ttft_ms_p50": _ms(percentile(ttfts, 50)),
         "ttft_ms_p99": _ms(percentile(ttfts, 99)),
         "itl_ms_p50": _ms(percentile(gaps, 50), 2),

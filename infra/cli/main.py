@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from api.settings import secret_problem
 from contract.catalog import DEFAULT_MODEL_ID
 from contract.settings import CoreSettings
 from infra.bench.command import register_bench
@@ -63,6 +64,20 @@ def jwt_env(settings: UpSettings) -> dict[str, str]:
     if os.environ.get("ABL_JWT_SECRET"):
         return {}
     return {"ABL_JWT_SECRET": read_or_create_secret(settings.data_dir / JWT_SECRET_FILE, 32)}
+
+
+def secret_problems(settings: UpSettings, admin_token: str, jwt: dict[str, str]) -> list[str]:
+    """Why the API would refuse its secrets, one line each naming the variable (and the file
+    it came from): checked before anything starts, rather than restarting an API that exits."""
+    given = settings.admin_token is not None and settings.admin_token.get_secret_value()
+    admin_from = "" if given else f" (from {settings.data_dir / ADMIN_TOKEN_FILE})"
+    jwt_from = "" if not jwt else f" (from {settings.data_dir / JWT_SECRET_FILE})"
+    jwt_secret = jwt.get("ABL_JWT_SECRET") or os.environ.get("ABL_JWT_SECRET", "")
+    found = [
+        secret_problem(f"ABL_ADMIN_TOKEN{admin_from}", admin_token),
+        secret_problem(f"ABL_JWT_SECRET{jwt_from}", jwt_secret),
+    ]
+    return [problem for problem in found if problem is not None]
 
 
 def hide_password(url: str) -> str:
@@ -112,6 +127,11 @@ def print_summary(stack: Stack, admin_token: str, generated: bool) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     settings = UpSettings()
     admin_token, generated = admin_token_for(settings)
+    jwt = jwt_env(settings)
+    if problems := secret_problems(settings, admin_token, jwt):
+        for problem in problems:
+            print(f"abl up: {problem}", file=sys.stderr)
+        return 2
     stack = Stack(
         settings.data_dir,
         host=settings.host,
@@ -121,7 +141,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         database_url=settings.database_url,
         migration_database_url=settings.migration_database_url,
         redis_url=settings.redis_url,
-        env=jwt_env(settings),
+        env=jwt,  # the launcher gives the API's credentials to the API only
     )
     try:
         with signals_as_interrupt():

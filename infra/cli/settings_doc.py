@@ -48,8 +48,9 @@ FALLBACK: dict[str, str] = {
     " `$ABL_DATA_DIR/redis`.",
     "host": "Interface the API listens on.",
     "port": "Port the API listens on.",
-    "admin_token": "Bearer token of the admin API. `abl up` generates one when unset, kept in"
-    " `$ABL_DATA_DIR/admin_token`.",
+    "admin_token": "Bearer token of the admin API, the API process's alone; at least 32"
+    " characters, no `REPLACE_ME` (the API and `abl up` refuse to start otherwise). `abl up`"
+    " generates one when unset, kept in `$ABL_DATA_DIR/admin_token`.",
     "workers": "Worker processes `abl up` starts.",
     "default_max_tokens": "`max_tokens` of a request that sends none (capped by the model's"
     " output limit).",

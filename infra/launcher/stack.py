@@ -29,6 +29,9 @@ from infra.launcher.services import (
 )
 
 API_NAME = "api"
+# The API's credentials: only the API process gets them, never a worker or the model build,
+# even when the launcher itself inherited them (docs/security.md).
+API_ONLY_ENV = ("ABL_ADMIN_TOKEN", "ABL_JWT_SECRET")
 
 
 def api_argv(host: str, port: int) -> list[str]:
@@ -119,6 +122,10 @@ def stop_children(children: list[ChildProcess], timeout: float) -> None:
         if child.alive:
             child.send_signal(signal.SIGKILL)
             child.wait(10)
+
+
+def _without_api_credentials(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in API_ONLY_ENV}
 
 
 def _workers_counted(response: httpx.Response) -> int:
@@ -219,7 +226,9 @@ class Stack:
             self._finish_model_build()
             if self.port == 0:
                 self.port = free_port(self.host if self.host not in ("", "::") else "127.0.0.1")
-            self.api = self._child(API_NAME, self._api_argv(), {})
+            self.api = ChildProcess(
+                API_NAME, self._api_argv(), self.env_for_api(), self.log_dir / f"{API_NAME}.log"
+            )
             self.api.start()
             for i in range(self.worker_count):
                 self.start_worker(i)
@@ -287,8 +296,8 @@ class Stack:
         worker.send_signal(sig)
         return worker.wait(timeout) if timeout is not None else worker.returncode
 
-    def env_for_children(self) -> dict[str, str]:
-        """The environment every child gets: ours, the ABL_* of this stack, then the extras."""
+    def env_for_api(self) -> dict[str, str]:
+        """The API's environment: ours, the ABL_* of this stack, the extras, the admin token."""
         assert self.database_url is not None and self.redis_url is not None
         env = dict(os.environ)
         env.update(
@@ -296,14 +305,18 @@ class Stack:
                 "ABL_DATA_DIR": str(self.data_dir),
                 "ABL_DATABASE_URL": self.database_url,
                 "ABL_REDIS_URL": self.redis_url,
-                "ABL_ADMIN_TOKEN": self.admin_token,
                 "ABL_HOST": self.host,
                 "ABL_PORT": str(self.port),
                 "PYTHONUNBUFFERED": "1",
             }
         )
         env.update(self.extra_env)
+        env["ABL_ADMIN_TOKEN"] = self.admin_token
         return env
+
+    def env_for_children(self) -> dict[str, str]:
+        """The environment of every other child: the API's without its credentials."""
+        return _without_api_credentials(self.env_for_api())
 
     def __enter__(self) -> Self:
         return self.start()
@@ -345,6 +358,7 @@ class Stack:
         if is_built(self.model_dir):
             return
         env = {**os.environ, "ABL_DATA_DIR": str(self.data_dir), **self.extra_env}
+        env = _without_api_credentials(env)
         argv = [sys.executable, "-m", "workers.models.tiny", str(self.model_dir)]
         self._build = ChildProcess("model_build", argv, env, self.log_dir / "model_build.log")
         self._build.start()

@@ -5,6 +5,7 @@ One private stack for this module (two workers, short leases and timeouts), so t
 never disturbs the session's stack. The tests run in file order; each leaves the stack whole.
 """
 
+import json
 import os
 import secrets
 import signal
@@ -13,7 +14,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import httpx
+import httpx2
 import pytest
 import redis
 from celery import Celery
@@ -226,6 +229,60 @@ def test_full_queue_is_refused_at_once(fault_stack: Stack, key: str) -> None:
     _restart_workers(fault_stack)
     wait_for(lambda: jobs_waiting(r) == 0, timeout=30)
     ok_request(fault_stack, key)
+    books_are_straight(fault_stack)
+
+
+def test_a_stream_no_worker_took_is_a_529_that_the_sdk_retries(
+    fault_stack: Stack, key: str
+) -> None:
+    """Nothing is sent before a worker claims the request: a stream that times out in the queue
+    gets a real 529 with retry-after (not a 200 and an error event, which no SDK retries), and
+    the SDK's retry succeeds once a worker is back."""
+    _stop_all_workers(fault_stack)
+    r = redis.Redis.from_url(fault_stack.redis_url or "")
+    wait_for(lambda: not r.keys("abl:worker:*"), timeout=15)
+    r.delete(MODEL)
+    body = {**SHORT, "stream": True}
+    headers = {"x-api-key": key}
+    started = time.monotonic()
+    with httpx.stream(
+        "POST", f"{fault_stack.base_url}/v1/messages", json=body, headers=headers, timeout=60
+    ) as response:
+        waited = time.monotonic() - started
+        error = json.loads(response.read())
+    assert response.status_code == 529, error
+    assert error["error"]["type"] == "overloaded_error"
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.headers.get("x-should-retry") != "false"
+    assert waited >= QUEUE_TIMEOUT_S - 0.5  # the status line waited for a worker, in vain
+    row = request_row(fault_stack, response.headers["request-id"])
+    assert row.status == "failed" and row.credits_charged == 0
+
+    statuses: list[int] = []
+
+    def workers_back_on_the_first_529(answer: httpx2.Response) -> None:
+        statuses.append(answer.status_code)
+        if statuses == [529]:
+            for i, worker in enumerate(fault_stack.workers):
+                if not worker.alive:
+                    fault_stack.start_worker(i)
+
+    sdk = anthropic.Anthropic(
+        base_url=fault_stack.base_url,
+        api_key=key,
+        max_retries=8,
+        http_client=httpx2.Client(
+            event_hooks={"response": [workers_back_on_the_first_529]}, timeout=60
+        ),
+    )
+    stream = sdk.messages.create(
+        model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
+    events = [event.type for event in stream]
+    assert statuses[0] == 529 and statuses[-1] == 200
+    assert set(statuses[:-1]) == {529}  # every try before the last was a retryable 529
+    assert events[0] == "message_start" and events[-1] == "message_stop"
+    fault_stack.wait_ready(min_workers=len(fault_stack.workers))
     books_are_straight(fault_stack)
 
 

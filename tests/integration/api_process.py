@@ -18,7 +18,7 @@ def api_process(
 ) -> Iterator[str]:
     """Start `uvicorn --factory api.main:create_app` with the stack's env plus `env`; its URL."""
     port = free_port("127.0.0.1")
-    full_env = {**stack.env_for_children(), "ABL_PORT": str(port), **(env or {})}
+    full_env = {**stack.env_for_api(), "ABL_PORT": str(port), **(env or {})}
     argv = api_argv("127.0.0.1", port)
     base_url = f"http://127.0.0.1:{port}"
     with log_path.open("ab") as log:

@@ -200,7 +200,7 @@ def _forgeries(secret: str, account_id: str, victim_id: str) -> dict[str, str]:
 
 
 def test_jwt_forgeries_are_401(stack: Stack, make_account: AccountFactory) -> None:
-    secret = stack.env_for_children()["ABL_JWT_SECRET"]
+    secret = stack.env_for_api()["ABL_JWT_SECRET"]
     attacker, victim = make_account(), make_account()
     for name, token in _forgeries(secret, attacker.id, victim.id).items():
         response = count_tokens(stack.base_url, bearer(token))

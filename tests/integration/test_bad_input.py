@@ -261,3 +261,58 @@ def test_413_comes_before_the_body_is_read(stack: Stack, account: ApiAccount) ->
     answer, _ = _raw_request(stack, chunked, [chunk] * 33)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"\r\nconnection: close\r\n" in answer
+
+
+# ------------------------------------------------------------ credentials before the body
+
+
+@pytest.mark.parametrize(
+    ("path", "credentials"),
+    [
+        ("/v1/messages", "x-api-key: ak_not-a-key-at-all-not-a-key-at-all-not-a-key\r\n"),
+        ("/v1/messages", "authorization: Bearer not.a.jwt\r\n"),
+        ("/v1/messages", ""),
+        ("/v1/messages/count_tokens", "x-api-key: ak_bogus\r\n"),
+        ("/admin/accounts", "authorization: Bearer not-the-admin-token\r\n"),
+        ("/admin/accounts", ""),
+    ],
+)
+def test_bad_credentials_are_refused_before_the_body_is_read(
+    stack: Stack, path: str, credentials: str
+) -> None:
+    """30 MB declared, a few bytes sent: the 401 comes from the headers alone. A server that
+    read (or parsed) the body first would wait for the rest and time out instead."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{credentials}"
+        f"content-length: {30 * MB}\r\n\r\n"
+    ).encode()
+    answer, _ = _raw_request(stack, head, [b'{"model":"abliterated-model","messages":[{},{},'])
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1].split(b"\n", 1)[0])
+    assert body["error"]["type"] == "authentication_error"
+
+
+def test_a_body_with_too_many_json_values_is_413(http: httpx.Client) -> None:
+    """Within the byte limit, but more values than ABL_MAX_JSON_VALUES: refused before parsing."""
+    body = b'{"model":"abliterated-model","messages":[' + b",".join([b"{}"] * 200_000) + b"]}"
+    response = http.post("/v1/messages", content=body)
+    assert response.status_code == 413, response.text
+    error = response.json()["error"]
+    assert error["type"] == "request_too_large"
+    assert "JSON values" in error["message"] and "ABL_MAX_JSON_VALUES" in error["message"]
+    # Commas inside strings are not values: a long text with many commas is fine.
+    text = ", " * 150_000
+    response = http.post("/v1/messages/count_tokens", json=_msg(text))
+    assert response.status_code == 200, response.text
+
+
+def test_many_errors_in_a_large_body_name_the_first_and_count_the_rest(
+    http: httpx.Client,
+) -> None:
+    body = _with(messages=[{"role": "user", "content": "x"}] + [{}] * 5_000)
+    response = http.post("/v1/messages", json=body)
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert message.startswith("messages.1.role: Field required; messages.1.content: Field required")
+    assert message.endswith(" more errors)")
+    assert len(message) < 2_000

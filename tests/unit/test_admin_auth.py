@@ -11,7 +11,7 @@ from api.admin.access import Admin, AdminDep, matching_name
 from api.errors import RateLimitError, install_error_handlers
 from api.settings import ApiSettings
 
-TOKEN = "admin-unit-token"
+TOKEN = "admin-unit-token-" + "0123456789abcdef" * 2
 
 
 class CountingThrottle:

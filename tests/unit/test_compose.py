@@ -1,4 +1,6 @@
-"""docker-compose.yml's structure, checked with pyyaml since Docker does not run here."""
+"""docker-compose.yml's structure, checked with pyyaml since Docker does not run here: services,
+start order, scaling, and the hardening of docs/security.md (no default password, the API's
+credentials for the API alone, locked-down containers, data stores on an internal network)."""
 
 import re
 from pathlib import Path
@@ -14,6 +16,8 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 # Variables the compose file itself reads (no process does).
 COMPOSE_ONLY = {"ABL_POSTGRES_PASSWORD", "ABL_APP_POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"}
 WORKERS = ("worker", "worker-gpu")
+# The platform's own containers and its data stores (monitoring is an optional profile).
+PLATFORM = ("postgres", "redis", "migrate", "api", *WORKERS)
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +135,45 @@ def test_only_migrate_connects_as_the_schema_owner(services: dict[str, dict[str,
         env = services[name]["environment"]
         assert "ABL_MIGRATION_DATABASE_URL" not in env, name
         assert env["ABL_DATABASE_URL"].startswith("postgresql+psycopg://abl_app:"), name
+def test_no_default_password(compose: dict[str, Any]) -> None:
+    text = COMPOSE_FILE.read_text()
+    for variable in ("ABL_POSTGRES_PASSWORD", "ABL_APP_POSTGRES_PASSWORD"):
+        uses = re.findall(r"\$\{" + variable + r"([^}]*)\}", text)
+        assert uses, variable
+        for use in uses:
+            assert use.startswith(f":?set {variable}"), use  # required, with a message
+    assert "generate one with: python -c" in text
+    assert "abl:abl@" not in text and "abl_app:abl_app@" not in text
+
+
+def test_only_the_api_gets_its_credentials(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        env = service.get("environment") or {}
+        has = {"ABL_ADMIN_TOKEN", "ABL_JWT_SECRET"} & set(env)
+        assert has == ({"ABL_ADMIN_TOKEN", "ABL_JWT_SECRET"} if name == "api" else set()), name
+    assert services["api"]["environment"]["ABL_ADMIN_TOKEN"].startswith("${ABL_ADMIN_TOKEN:?")
+
+
+def test_platform_containers_are_locked_down(services: dict[str, dict[str, Any]]) -> None:
+    for name in PLATFORM:
+        service = services[name]
+        assert service["read_only"] is True, name
+        assert service["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in service["security_opt"], name
+        assert "cap_add" not in service and not service.get("privileged"), name
+        assert str(service["user"]).split(":")[0] not in ("root", "0"), name
+        assert "/tmp" in service["tmpfs"], name  # a read-only root: temporary files in memory
+    assert "/var/run/postgresql" in services["postgres"]["tmpfs"]
+    for dockerfile in ("Dockerfile.api", "Dockerfile.worker"):
+        assert "\nUSER abl\n" in (ROOT / "infra" / "deploy" / dockerfile).read_text()
+
+
+def test_only_the_api_and_workers_reach_the_data_stores(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    assert compose["networks"]["data"] == {"internal": True}
+    on_data = {name for name, s in services.items() if "data" in s.get("networks", ["default"])}
+    assert on_data == {"postgres", "redis", "api", "migrate", *WORKERS}
+    for store in ("postgres", "redis"):
+        assert services[store]["networks"] == ["data"], store
+        assert "ports" not in services[store] and "expose" not in services[store]

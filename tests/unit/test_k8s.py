@@ -1,5 +1,7 @@
-"""infra/deploy/k8s manifests: kinds, selectors that match their pods, references that resolve, and
-environment names that processes actually read."""
+"""infra/deploy/k8s manifests: kinds, selectors that match their pods, references that resolve,
+environment names that processes actually read, and the security settings of docs/security.md:
+no secret ships, only the API gets its credentials, every pod is locked down, and only the API
+and the workers reach the data stores."""
 
 from collections import Counter
 from collections.abc import Iterator
@@ -9,12 +11,15 @@ from typing import Any
 import pytest
 import yaml
 
+from api.settings import secret_problem
 from contract.catalog import load_catalog
+from infra.cli.k8s_secrets import SECRET_FILES, SECRETS_DIR, write_secret_files
 from infra.cli.settings_doc import env_names
 
 K8S = Path(__file__).resolve().parents[2] / "infra" / "deploy" / "k8s"
 NAMESPACE = "abl"
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
+API_CREDENTIALS = {"ABL_ADMIN_TOKEN", "ABL_JWT_SECRET"}
 Doc = dict[str, Any]
 
 
@@ -70,8 +75,9 @@ def test_every_manifest_is_listed_and_every_kind_is_there(
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kustomization["resources"]) == files
     kinds = Counter(d["kind"] for d in docs)
-    for kind in ("Namespace", "Secret", "ConfigMap", "Job", "HorizontalPodAutoscaler"):
+    for kind in ("Namespace", "ConfigMap", "Job", "HorizontalPodAutoscaler"):
         assert kinds[kind] == 1, kind
+    assert kinds["NetworkPolicy"] == 2
     assert kinds["StatefulSet"] == 2 and kinds["Service"] == 3
     assert kinds["Deployment"] == 3  # the API, and the default model's GPU and CPU workers
     for doc in docs:
@@ -102,8 +108,35 @@ def test_selectors_match_their_pods(docs: list[Doc]) -> None:
     named(docs, "Deployment", target["name"])
 
 
+def generated_secrets() -> dict[str, set[str]]:
+    """The Secrets the kustomization generates, and their keys (from `make k8s-secrets`)."""
+    return {name: set(keys) for name, (_, keys) in SECRET_FILES.items()}
+
+
+def secret_refs(container: Doc) -> dict[str, tuple[str, str]]:
+    """Environment variable -> (Secret, key) for every variable taken from a Secret."""
+    refs = {}
+    for name, value in env_of(container).items():
+        if isinstance(value, dict) and "secretKeyRef" in value:
+            refs[name] = (value["secretKeyRef"]["name"], value["secretKeyRef"]["key"])
+    return refs
+
+
+def test_no_secret_ships_and_the_generator_writes_what_pods_read(kustomization: Doc) -> None:
+    for path in K8S.rglob("*"):
+        if path.is_file() and SECRETS_DIR not in path.relative_to(K8S).parts:
+            assert "REPLACE_ME" not in path.read_text(), path
+    generated = {g["name"]: [Path(e) for e in g["envs"]] for g in kustomization["secretGenerator"]}
+    assert generated == {
+        name: [Path(SECRETS_DIR) / file] for name, (file, _) in SECRET_FILES.items()
+    }
+    ignored = (K8S.parents[2] / ".gitignore").read_text().split()
+    assert f"infra/deploy/k8s/{SECRETS_DIR}/" in ignored
+
+
 def test_references_resolve(docs: list[Doc]) -> None:
-    secret_keys = {k for s in of_kind(docs, "Secret") for k in s["stringData"]}
+    assert of_kind(docs, "Secret") == []  # all generated
+    secrets = generated_secrets()
     config_keys = {k for c in of_kind(docs, "ConfigMap") for k in c["data"]}
     claims = {c["metadata"]["name"] for c in of_kind(docs, "PersistentVolumeClaim")}
     for doc in docs:
@@ -112,10 +145,9 @@ def test_references_resolve(docs: list[Doc]) -> None:
         for container in containers(doc):
             for ref in container.get("envFrom", []):
                 named(docs, "ConfigMap", ref["configMapRef"]["name"])
-            for value in env_of(container).values():
-                if isinstance(value, dict) and "secretKeyRef" in value:
-                    named(docs, "Secret", value["secretKeyRef"]["name"])
-                    assert value["secretKeyRef"]["key"] in secret_keys
+            for secret, key in secret_refs(container).values():
+                assert key in secrets[secret], (secret, key)
+            assert "secretRef" not in str(container.get("envFrom", []))  # keys one by one
         for volume in pod_spec(doc).get("volumes", []):
             if "persistentVolumeClaim" in volume:
                 assert volume["persistentVolumeClaim"]["claimName"] in claims
@@ -126,7 +158,7 @@ def test_references_resolve(docs: list[Doc]) -> None:
 def test_environment_names_are_settings(docs: list[Doc]) -> None:
     known = env_names()
     names = {k for c in of_kind(docs, "ConfigMap") for k in c["data"] if k.startswith("ABL_")}
-    names |= {k for s in of_kind(docs, "Secret") for k in s["stringData"] if k.startswith("ABL_")}
+    names |= {k for keys in generated_secrets().values() for k in keys if k.startswith("ABL_")}
     for doc in docs:
         if doc["kind"] in WORKLOADS:
             for container in containers(doc):
@@ -183,3 +215,97 @@ def test_migrate_job(docs: list[Doc]) -> None:
     assert "abl migrate" in " ".join(container["command"])
     assert {"ABL_DATABASE_URL", "ABL_MIGRATION_DATABASE_URL"} <= set(env_of(container))
     assert pod_spec(job)["restartPolicy"] in ("OnFailure", "Never")
+
+
+def test_only_the_api_gets_its_credentials(docs: list[Doc]) -> None:
+    holders = set()
+    for doc in docs:
+        if doc["kind"] not in WORKLOADS:
+            continue
+        for container in containers(doc):
+            refs = secret_refs(container)
+            if API_CREDENTIALS & set(env_of(container)):
+                holders.add(doc["metadata"]["name"])
+            if any(secret == "abl-api-secrets" for secret, _ in refs.values()):
+                holders.add(doc["metadata"]["name"])
+    assert holders == {"abl-api"}
+    (api,) = pod_spec(named(docs, "Deployment", "abl-api"))["containers"]
+    assert {secret_refs(api)[n] for n in API_CREDENTIALS} == {
+        ("abl-api-secrets", "ABL_ADMIN_TOKEN"),
+        ("abl-api-secrets", "ABL_JWT_SECRET"),
+    }
+
+
+def test_every_pod_is_locked_down(docs: list[Doc]) -> None:
+    for doc in docs:
+        if doc["kind"] not in WORKLOADS:
+            continue
+        name, pod = doc["metadata"]["name"], pod_spec(doc)
+        security = pod["securityContext"]
+        assert security["runAsNonRoot"] is True, name
+        assert security["runAsUser"] != 0, name
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in containers(doc):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, (name, container["name"])
+            assert context["readOnlyRootFilesystem"] is True, (name, container["name"])
+            assert context["capabilities"] == {"drop": ["ALL"]}, (name, container["name"])
+            assert not context.get("privileged"), name
+        # A read-only root: where the main container must write is a volume.
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]], name
+
+
+def _selects(selector: Doc, labels: dict[str, str]) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In"
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def test_only_the_api_and_workers_reach_the_data_stores(docs: list[Doc]) -> None:
+    pods = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+        for d in docs
+        if d["kind"] in WORKLOADS
+    }
+    workers_ = {d["metadata"]["name"] for d in workers(docs)}
+    expected = {
+        "abl-postgres": ({"abl-api", "abl-migrate", *workers_}, 5432),
+        "abl-redis": ({"abl-api", *workers_}, 6379),
+    }
+    for store, (allowed, port) in expected.items():
+        (policy,) = [
+            p
+            for p in of_kind(docs, "NetworkPolicy")
+            if _selects(p["spec"]["podSelector"], pods[store])
+        ]
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        (rule,) = policy["spec"]["ingress"]
+        assert rule["ports"] == [{"protocol": "TCP", "port": port}]
+        reach = {
+            name
+            for name, labels in pods.items()
+            if any(_selects(peer["podSelector"], labels) for peer in rule["from"])
+        }
+        assert reach == allowed, store
+        assert all(set(peer) == {"podSelector"} for peer in rule["from"])  # this namespace
+
+
+def test_make_k8s_secrets_writes_strong_values_once(tmp_path: Path) -> None:
+    written = write_secret_files(tmp_path / "secrets")
+    values: dict[str, str] = {}
+    for path in written:
+        assert path.stat().st_mode & 0o777 == 0o600
+        values |= dict(line.split("=", 1) for line in path.read_text().splitlines())
+    assert set(values) == {k for keys in generated_secrets().values() for k in keys}
+    for name in ("ABL_ADMIN_TOKEN", "ABL_JWT_SECRET", "POSTGRES_PASSWORD", "REDIS_PASSWORD"):
+        assert secret_problem(name, values[name]) is None
+    assert f":{values['POSTGRES_PASSWORD']}@abl-postgres:5432/" in values["ABL_DATABASE_URL"]
+    assert f":{values['REDIS_PASSWORD']}@abl-redis:6379/" in values["ABL_REDIS_URL"]
+    with pytest.raises(FileExistsError):
+        write_secret_files(tmp_path / "secrets")

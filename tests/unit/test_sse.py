@@ -190,3 +190,21 @@ def test_sdk_raises_on_error_event_mid_stream() -> None:
 def test_frames_end_with_blank_line(make: Callable[[], bytes]) -> None:
     frame = make()
     assert frame.startswith(b"event: ") and frame.endswith(b"\n\n")
+
+
+def test_unicode_line_separators_are_escaped() -> None:
+    """U+2028, U+2029 and U+0085 are legal raw in JSON, but JavaScript (before ES2019),
+    Python's splitlines and NEL-aware readers end a line there: the `data:` line would split."""
+    text = "a\u2028b\u2029c\u0085d \u00e9"
+    frame = sse.text_delta(0, text)
+    assert frame == (
+        b"event: content_block_delta\n"
+        b'data: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"a\\u2028b\\u2029c\\u0085d \xc3\xa9"}}\n\n'
+    )
+    lines = frame.decode().splitlines()
+    assert len(lines) == 3  # event, data, and the blank line that ends the frame
+    data = lines[1].removeprefix("data: ")
+    assert json.loads(data)["delta"]["text"] == text
+    for raw in ("\u2028", "\u2029", "\u0085"):
+        assert raw.encode() not in sse.error_event("api_error", f"x{raw}y")

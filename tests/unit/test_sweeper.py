@@ -6,15 +6,17 @@ import redis
 from workers.sweeper import HeartbeatWatch
 
 
-class FakeRedis:
+class FakeRegistry:
+    """The live-worker registry's names, as the sweeper reads them."""
+
     def __init__(self) -> None:
         self.keys: set[str] = set()
         self.down = False
 
-    def exists(self, key: str) -> int:
+    def __call__(self) -> set[str]:
         if self.down:
             raise redis.ConnectionError("down")
-        return int(key in self.keys)
+        return self.keys
 
 
 class Clock:
@@ -25,15 +27,15 @@ class Clock:
         return self.now
 
 
-def watch() -> tuple[HeartbeatWatch, FakeRedis, Clock]:
-    client, clock = FakeRedis(), Clock()
-    alive = HeartbeatWatch(client, lambda name: f"hb:{name}", grace_s=6.0, clock=clock)  # type: ignore[arg-type]
+def watch() -> tuple[HeartbeatWatch, FakeRegistry, Clock]:
+    client, clock = FakeRegistry(), Clock()
+    alive = HeartbeatWatch(client, grace_s=6.0, clock=clock)
     return alive, client, clock
 
 
 def test_a_beating_worker_is_alive() -> None:
     alive, client, _ = watch()
-    client.keys.add("hb:w1")
+    client.keys.add("w1")
     assert alive("w1")
 
 
@@ -50,7 +52,7 @@ def test_a_heartbeat_coming_back_resets_the_count() -> None:
     alive, client, clock = watch()
     assert alive("w1")
     clock.now += 5
-    client.keys.add("hb:w1")
+    client.keys.add("w1")
     assert alive("w1")
     client.keys.clear()
     clock.now += 5
