@@ -30,6 +30,7 @@ def parse_admin_tokens(value: str) -> dict[str, str]:
         tokens[name] = token
     return tokens
 
+
 # Shorter secrets are refused ("shorter than 32" is literal: 32 characters pass).
 MIN_SECRET_CHARS = 32
 PLACEHOLDER = "REPLACE_ME"
@@ -133,6 +134,7 @@ class ApiSettings(CoreSettings):
                 raise ValueError("ABL_ADMIN_TOKEN is also in ABL_ADMIN_TOKENS")
             named[DEFAULT_ADMIN_NAME] = token
         return named
+
     @field_validator("admin_token", "jwt_secret")
     @classmethod
     def _strong_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:

@@ -135,6 +135,8 @@ def test_only_migrate_connects_as_the_schema_owner(services: dict[str, dict[str,
         env = services[name]["environment"]
         assert "ABL_MIGRATION_DATABASE_URL" not in env, name
         assert env["ABL_DATABASE_URL"].startswith("postgresql+psycopg://abl_app:"), name
+
+
 def test_no_default_password(compose: dict[str, Any]) -> None:
     text = COMPOSE_FILE.read_text()
     for variable in ("ABL_POSTGRES_PASSWORD", "ABL_APP_POSTGRES_PASSWORD"):
