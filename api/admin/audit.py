@@ -14,11 +14,12 @@ from sqlalchemy.orm import Session
 
 from api.admin.access import AdminDep, AdminIdentity, SettingsDep
 from api.admin.schemas import DEFAULT_PAGE_SIZE, PageSize
+from api.request_body import BodyRoute
 from db.models import AdminAudit
 from db.pages import keyset_page
 from db.session import transaction
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep], route_class=BodyRoute)
 
 
 def record(

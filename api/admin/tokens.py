@@ -14,11 +14,12 @@ from api.admin.audit import record
 from api.admin.jwt_tokens import LEEWAY_SECONDS, VerifiedToken, verify_token
 from api.admin.schemas import TokenRevoke, TokenRevoked
 from api.errors import AuthenticationError, InvalidRequestError
+from api.request_body import BodyRoute
 from api.settings import ApiSettings
 from db.models import RevokedToken
 from db.session import transaction
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep], route_class=BodyRoute)
 
 
 def _identify(settings: ApiSettings, body: TokenRevoke) -> tuple[str, datetime, str | None]:

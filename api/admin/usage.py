@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from api.admin.access import AdminDep, SettingsDep
 from api.errors import InvalidRequestError
+from api.request_body import BodyRoute
 from db.session import transaction
 from db.usage import (
     GROUP_BY_FIELDS,
@@ -29,7 +30,7 @@ from db.usage import (
     usage_totals,
 )
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep], route_class=BodyRoute)
 
 DEFAULT_RANGE = timedelta(days=30)
 MAX_TOP_ACCOUNTS = 1000

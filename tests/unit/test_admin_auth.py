@@ -12,6 +12,8 @@ from api.errors import RateLimitError, install_error_handlers
 from api.settings import ApiSettings
 
 TOKEN = "admin-unit-token-" + "0123456789abcdef" * 2
+OPS = "ops-token-" + "1" * 32
+CI = "ci-token-" + "2" * 32
 
 
 class CountingThrottle:
@@ -108,12 +110,12 @@ def test_unconfigured_admin_token_disables_the_api(configured: str | None) -> No
 
 
 def test_each_named_token_is_known_by_its_name() -> None:
-    client = _client(TOKEN, "ops=ops-token-1,ci=ci-token-22")
-    for token, name in ((TOKEN, "admin"), ("ops-token-1", "ops"), ("ci-token-22", "ci")):
+    client = _client(TOKEN, f"ops={OPS},ci={CI}")
+    for token, name in ((TOKEN, "admin"), (OPS, "ops"), (CI, "ci")):
         response = client.get("/admin/ping", headers={"Authorization": f"Bearer {token}"})
         assert response.json()["admin"] == name
-    only_named = _client(None, "ops=ops-token-1")
-    response = only_named.get("/admin/ping", headers={"Authorization": "Bearer ops-token-1"})
+    only_named = _client(None, f"ops={OPS}")
+    response = only_named.get("/admin/ping", headers={"Authorization": f"Bearer {OPS}"})
     assert response.json()["admin"] == "ops"
     assert matching_name({"a": "x", "b": "y"}, "z") is None
 

@@ -44,10 +44,24 @@ class Downstream:
             self.inside -= 1
 
 
+class NoThrottle:
+    """The admin throttle's contract, never refusing (the throttle has its own tests)."""
+
+    async def check(self, address: str) -> int:
+        return 0
+
+    async def failed(self, address: str) -> None:
+        return None
+
+    async def succeeded(self, address: str) -> None:
+        return None
+
+
 def _scope(path: str, headers: dict[str, str], method: str = "POST") -> Scope:
     settings = ApiSettings(admin_token=SecretStr(ADMIN_TOKEN))
     platform = SimpleNamespace(settings=settings, database_url=None)
-    app = SimpleNamespace(state=SimpleNamespace(settings=settings, platform=platform))
+    state = SimpleNamespace(settings=settings, platform=platform, admin_throttle=NoThrottle())
+    app = SimpleNamespace(state=state)
     return {
         "type": "http",
         "method": method,

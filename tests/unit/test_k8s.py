@@ -305,7 +305,10 @@ def test_make_k8s_secrets_writes_strong_values_once(tmp_path: Path) -> None:
     assert set(values) == {k for keys in generated_secrets().values() for k in keys}
     for name in ("ABL_ADMIN_TOKEN", "ABL_JWT_SECRET", "POSTGRES_PASSWORD", "REDIS_PASSWORD"):
         assert secret_problem(name, values[name]) is None
-    assert f":{values['POSTGRES_PASSWORD']}@abl-postgres:5432/" in values["ABL_DATABASE_URL"]
+    owner = f"postgresql+psycopg://abl:{values['POSTGRES_PASSWORD']}@abl-postgres:5432/"
+    assert values["ABL_MIGRATION_DATABASE_URL"].startswith(owner)
+    assert values["ABL_DATABASE_URL"].startswith("postgresql+psycopg://abl_app:")
+    assert values["POSTGRES_PASSWORD"] not in values["ABL_DATABASE_URL"]
     assert f":{values['REDIS_PASSWORD']}@abl-redis:6379/" in values["ABL_REDIS_URL"]
     with pytest.raises(FileExistsError):
         write_secret_files(tmp_path / "secrets")
