@@ -1,5 +1,5 @@
-"""Shared fixtures: one real stack (Postgres, Redis, API, a Celery worker, the default model)
-per test session, started from scratch in a temporary directory.
+"""Shared fixtures: one real stack (Postgres, Redis, API, a Celery worker, the test model
+abl-tiny) per test session, started from scratch in a temporary directory.
 
 Embedded Postgres and Redis are started unless ABL_TEST_DATABASE_URL / ABL_TEST_REDIS_URL
 name servers to use instead (ABL_TEST_MIGRATION_DATABASE_URL: the owner role, else the
@@ -22,12 +22,15 @@ from sqlalchemy.orm import Session
 
 from db.session import get_sessionmaker
 from infra.launcher.stack import Stack
+from tests.support import STACK_MODEL
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir: Path = tmp_path_factory.mktemp("abl-stack")
     env = {
+        # The test model alone: fast on 2 cores, built offline (tests/model asks SmolLM2).
+        "ABL_WORKER_MODELS": STACK_MODEL,
         "ABL_JWT_SECRET": secrets.token_urlsafe(32),
         "ABL_REQUEST_TIMEOUT_S": "120",
         # A second, named admin token (the stack's ABL_ADMIN_TOKEN is "admin").

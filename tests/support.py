@@ -1,9 +1,17 @@
-"""What many tests need: waiting for a condition, and reading a server-sent event stream."""
+"""What many tests need: the model the test stack serves, waiting for a condition, and reading a
+server-sent event stream."""
 
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
+
+from contract.catalog import TEST_MODEL, TEST_MODEL_ID
+
+# The model the test stack's workers serve: the random-weight test model, fast on 2 cores. Only
+# tests/model asks the default model (SmolLM2) anything.
+STACK_MODEL = TEST_MODEL_ID
+STACK_MODEL_SPEC = TEST_MODEL
 
 T = TypeVar("T")
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from contract.catalog import BackendName
+from contract.catalog import BackendName, load_catalog
 from workers.backends.seam import (
     BackendOptions,
     EngineEvent,
@@ -61,14 +61,15 @@ class EngineProcess:
         *,
         backend: BackendName = "transformers",
         options: BackendOptions = BackendOptions(),
-        build_default: bool = False,
+        prepare: str | None = None,
         ready_timeout_s: float = 900.0,
         on_exit: Callable[[int | None], None] | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self.backend = backend
         self.options = options
-        self.build_default = build_default  # build the default model first if it is missing
+        # A catalogue id: the child checks (and, where it may, makes) that model's folder first.
+        self.prepare = prepare
         self.ready_timeout_s = ready_timeout_s
         # Called on the reader thread when new events are out (DeltaPump.notify).
         self.on_events: Callable[[], None] | None = None
@@ -116,8 +117,8 @@ class EngineProcess:
             argv += ["--threads", str(self.options.num_threads)]
         if self.options.kv_budget_bytes is not None:
             argv += ["--kv-budget-bytes", str(self.options.kv_budget_bytes)]
-        if self.build_default:
-            argv.append("--build-default")
+        if self.prepare is not None:
+            argv += ["--prepare", self.prepare]
         self._proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),))
         theirs.close()  # the child holds the only copy: its death reads as EOF here
         self._conn = Connection(ours.detach())
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="transformers", choices=["transformers", "echo"])
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--build-default", action="store_true")
+    parser.add_argument("--prepare", metavar="MODEL_ID", help="make the model's folder first")
     parser.add_argument("--kv-budget-bytes", type=int, default=None)
     args = parser.parse_args(argv)
     # The worker stops this process when its own shutdown grace is over.
@@ -308,10 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     conn = Connection(args.fd)
-    if args.build_default and not (args.model_path / "config.json").exists():
-        from workers.models.tiny import build_default_model
+    if args.prepare is not None:
+        from workers.models.fetch import ModelFetchError
+        from workers.models.prepare import prepare_model, served
+        from workers.settings import WorkerSettings
 
-        build_default_model(args.model_path)
+        settings = WorkerSettings()
+        try:
+            (spec,) = served(load_catalog(settings.models_file), [args.prepare])
+            prepare_model(spec, settings)
+        except ModelFetchError as exc:
+            log.critical("%s", exc)
+            return 2
     options = BackendOptions(
         max_batch=args.max_batch, num_threads=args.threads, kv_budget_bytes=args.kv_budget_bytes
     )

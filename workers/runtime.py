@@ -24,7 +24,7 @@ from decimal import Decimal
 import redis
 from prometheus_client import REGISTRY
 
-from contract.catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, load_catalog
+from contract.catalog import Catalog, ModelSpec, load_catalog
 from contract.errors import API_ERROR, OVERLOADED, ErrorType
 from contract.events import (
     BlockStartEvent,
@@ -169,7 +169,7 @@ class WorkerRuntime:
                 path,
                 backend=spec.backend,
                 options=options,
-                build_default=spec.id == DEFAULT_MODEL_ID,
+                prepare=spec.id,
                 on_exit=self._engine_exited,
             )
             engine.start()

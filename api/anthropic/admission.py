@@ -87,25 +87,35 @@ async def tokenize_async(
     return ids
 
 
+# Sent whenever a request's max_tokens was lowered to fit (the clamp policy): the value used.
+MAX_TOKENS_HEADER = "abl-max-tokens"
+
+
 def decide_max_tokens(platform: Platform, spec: ModelSpec, body: MessagesRequest, n_in: int) -> int:
+    """The request's max_tokens as it runs (and is reserved): the default when it sends none;
+    what it sends when that fits the model; otherwise lowered to what fits (`clamp`, the
+    default policy) or refused with Anthropic's 400 (`reject`)."""
     room = spec.context_window - n_in
     if room < 1:
         raise InvalidRequestError(
             f"prompt is too long: {n_in} tokens > {spec.context_window - 1} maximum"
         )
+    fits = min(spec.max_output_tokens, room)
     if body.max_tokens is None:
-        return min(platform.settings.default_max_tokens, spec.max_output_tokens, room)
+        return min(platform.settings.default_max_tokens, fits)
+    if body.max_tokens <= fits:
+        return body.max_tokens
+    if spec.max_tokens_policy == "clamp":
+        return fits
     if body.max_tokens > spec.max_output_tokens:
         raise InvalidRequestError(
             f"max_tokens: {body.max_tokens} > {spec.max_output_tokens}, which is the maximum"
             f" allowed number of output tokens for {spec.id}"
         )
-    if body.max_tokens > room:
-        raise InvalidRequestError(
-            f"prompt is too long: {n_in} input tokens + max_tokens {body.max_tokens}"
-            f" > {spec.context_window}, the context window of {spec.id}"
-        )
-    return body.max_tokens
+    raise InvalidRequestError(
+        f"input length and max_tokens exceed context limit: {n_in} + {body.max_tokens}"
+        f" > {spec.context_window}, decrease input length or max_tokens and try again"
+    )
 
 
 def budgets(principal: Principal, settings: ApiSettings) -> list[Budget]:
@@ -144,6 +154,8 @@ async def admit(
     spec = resolve_model(platform, body.model)
     input_ids = await tokenize_async(platform, spec, body)
     max_tokens = decide_max_tokens(platform, spec, body, len(input_ids))
+    if body.max_tokens is not None and max_tokens < body.max_tokens:
+        headers.update({MAX_TOKENS_HEADER: str(max_tokens)})
     cost = Cost(requests=1, input_tokens=len(input_ids), output_tokens=max_tokens)
     ticket, decision = await limiter.acquire(
         budgets(principal, platform.settings), cost, request_id
@@ -178,7 +190,7 @@ async def admit(
         request_id=request_id,
         model=spec.id,
         input_ids=input_ids,
-        sampling=sampling_params(body, max_tokens),
+        sampling=sampling_params(body, max_tokens, spec),
         tool_use=tool_use(body),
         output_schema=body.output_format_schema(),
         thinking_budget=thinking_budget(body, max_tokens),

@@ -43,12 +43,24 @@ def estimated_cost_usd(cost_usd: str) -> float:
     return float(Decimal(cost_usd))
 
 
-def sampling_params(request: MessagesRequest, max_tokens: int) -> SamplingParams:
-    """Decoding parameters for the job; the route has already defaulted and capped max_tokens."""
+def sampling_params(
+    request: MessagesRequest, max_tokens: int, spec: ModelSpec | None = None
+) -> SamplingParams:
+    """Decoding parameters for the job; admission has already defaulted and capped max_tokens.
+
+    What the request leaves out comes from the model's defaults: its temperature, and its top_p
+    unless the request chose a temperature (then it gets the distribution it asked for).
+    """
+    temperature = request.temperature
+    top_p = request.top_p
+    if spec is not None and top_p is None and temperature is None:
+        top_p = spec.default_top_p
+    if temperature is None:
+        temperature = spec.default_temperature if spec is not None else 1.0
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=request.top_p,
+        temperature=temperature,
+        top_p=top_p,
         top_k=request.top_k,
         stop_sequences=list(request.stop_sequences or []),
     )

@@ -40,9 +40,10 @@ SAMPLING = [(0.0, None), (0.3, 0.9), (0.7, 0.9), (1.0, None)]
 
 def fetch_default(cache_dir: Path | None) -> tuple[Path, float]:
     """The converted default model (into the cache unless given one) and the seconds it took."""
-    from workers.models.fetch import MACHINE_CACHE_DIR, FetchSettings
+    from workers.models.fetch import MACHINE_CACHE_DIR
+    from workers.settings import WorkerSettings
 
-    cache = cache_dir or FetchSettings().model_cache_dir or MACHINE_CACHE_DIR
+    cache = cache_dir or WorkerSettings().model_cache_dir or MACHINE_CACHE_DIR
     data_dir = Path(tempfile.mkdtemp(prefix="abl-bench-"))  # its downloads folder too
     started = time.perf_counter()
     # A child process, as a first start runs it: its imports count, its memory goes away.

@@ -81,10 +81,10 @@ def platform(config: BenchConfig) -> Iterator[Running]:
         with tempfile.TemporaryDirectory(prefix="abl-bench-model-") as tmp:
             model_path = config.model_path
             if model_path is None:
-                from workers.models.tiny import build_default_model
+                from workers.models.tiny import build_tiny_model
 
                 # The build is reproducible: byte-identical to the model the platform serves.
-                model_path = build_default_model(Path(tmp) / DEFAULT_MODEL_ID)
+                model_path = build_tiny_model(Path(tmp) / DEFAULT_MODEL_ID)
             yield Running(target, list(config.worker_pids), model_path)
         return
     # A fast heartbeat: the cancellation phase reads the workers' recent cancels from it.

@@ -9,7 +9,6 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr
@@ -132,6 +131,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"abl up: {problem}", file=sys.stderr)
         return 2
+    # In the foreground, before anything starts: a first start downloads and converts the
+    # default model, with progress on this terminal, and an offline machine learns at once
+    # what to do (the stack checks the folders again, in a second, once they are ready).
+    if code := prepare_models([]):
+        return code
     stack = Stack(
         settings.data_dir,
         host=settings.host,
@@ -184,12 +188,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_build_model(args: argparse.Namespace) -> int:
-    # A subprocess: torch is imported there, never in the launcher.
-    argv = [sys.executable, "-m", "workers.models.tiny"]
-    argv += [str(args.dest)] if args.dest else []
-    argv += ["--force"] if args.force else []
+def prepare_models(ids: list[str], *extra: str) -> int:
+    """Each model's folder made ready (default: ABL_WORKER_MODELS), with progress; in a
+    subprocess, so torch is imported there, never in the launcher."""
+    argv = [sys.executable, "-m", "workers.models.prepare", *ids, *extra]
     return subprocess.run(argv, check=False).returncode
+
+
+def cmd_build_model(args: argparse.Namespace) -> int:
+    return prepare_models(args.models, *(["--force"] if args.force else []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,14 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
     migrate = subparsers.add_parser("migrate", help="apply database migrations")
     migrate.set_defaults(func=cmd_migrate)
-    build = subparsers.add_parser("build-model", help="build the default model if missing")
-    build.add_argument("dest", nargs="?", type=Path, help="target folder")
-    build.add_argument("--force", action="store_true", help="rebuild even if present")
-    build.set_defaults(func=cmd_build_model)
+    build = subparsers.add_parser(
+        "build-model", help="fetch, convert or build the served models' folders if missing"
+    )
+    _model_arguments(build)
+    models = subparsers.add_parser("models", help="the served models' folders")
+    pull = models.add_subparsers(dest="models_command", required=True).add_parser(
+        "pull", help="fetch, convert or build them if missing (as build-model)"
+    )
+    _model_arguments(pull)
     register_bench(subparsers)
     register_soak(subparsers)
     register_admin(subparsers)
     return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs="*", help="catalogue ids (default: ABL_WORKER_MODELS)")
+    parser.add_argument("--force", action="store_true", help="build again even if present")
+    parser.set_defaults(func=cmd_build_model)
 
 
 def main(argv: list[str] | None = None) -> int:

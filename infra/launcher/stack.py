@@ -18,7 +18,7 @@ from typing import Self
 
 import httpx
 
-from contract.catalog import DEFAULT_MODEL
+from contract.catalog import TEST_MODEL_ID, load_catalog
 from infra.launcher.services import (
     LOOPBACK,
     EmbeddedPostgres,
@@ -210,9 +210,21 @@ class Stack:
         """The embedded Redis this stack started (None when given a URL); for fault tests."""
         return self._redis
 
+    def model_path(self, model_id: str = TEST_MODEL_ID) -> Path:
+        """A served model's folder (the test model's by default)."""
+        spec = load_catalog(self._models_file()).get(model_id)
+        if spec is None:
+            raise KeyError(f"model {model_id!r} is not in the catalogue")
+        return spec.path(self.data_dir / "models")
+
     @property
     def model_dir(self) -> Path:
-        return DEFAULT_MODEL.path(self.data_dir / "models")
+        """The test model's folder."""
+        return self.model_path(TEST_MODEL_ID)
+
+    def _models_file(self) -> Path | None:
+        named = self.extra_env.get("ABL_MODELS_FILE") or os.environ.get("ABL_MODELS_FILE")
+        return Path(named) if named else None
 
     def start(self) -> Self:
         """Start everything and return once `/readyz` answers 200; on failure stop what started."""
@@ -312,6 +324,9 @@ class Stack:
         )
         env.update(self.extra_env)
         env["ABL_ADMIN_TOKEN"] = self.admin_token
+        # Ready once the models the workers serve are served (not every catalogue model).
+        if env.get("ABL_WORKER_MODELS") and not env.get("ABL_READY_MODELS"):
+            env["ABL_READY_MODELS"] = env["ABL_WORKER_MODELS"]
         return env
 
     def env_for_children(self) -> dict[str, str]:
@@ -352,14 +367,12 @@ class Stack:
         self.demo_api_key = ensure_demo_account(self.database_url, self.data_dir)
 
     def _start_model_build(self) -> None:
-        """Build the default model in the background (torch lives in that subprocess only)."""
-        from workers.models.tiny import is_built
-
-        if is_built(self.model_dir):
-            return
+        """Make the folders of the models the workers serve, in the background, while the
+        services start (torch lives in that subprocess only); checks and nothing more when
+        they are ready."""
         env = {**os.environ, "ABL_DATA_DIR": str(self.data_dir), **self.extra_env}
         env = _without_api_credentials(env)
-        argv = [sys.executable, "-m", "workers.models.tiny", str(self.model_dir)]
+        argv = [sys.executable, "-m", "workers.models.prepare"]
         self._build = ChildProcess("model_build", argv, env, self.log_dir / "model_build.log")
         self._build.start()
         self._build_started = time.monotonic()
@@ -367,9 +380,9 @@ class Stack:
     def _finish_model_build(self) -> None:
         if self._build is None:
             return
-        code = self._build.wait(600)
+        code = self._build.wait(1800)
         if code != 0:
-            raise StackError(f"building the default model failed ({code})\n{self._build.tail()}")
+            raise StackError(f"preparing the models failed ({code})\n{self._build.tail(12)}")
         self._build = None
         self.timings["model_build"] = time.monotonic() - self._build_started
 

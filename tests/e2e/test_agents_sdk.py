@@ -12,7 +12,9 @@ from typing import Any
 import anthropic
 import jsonschema
 
-MODEL = "abliterated-model"
+from tests.support import STACK_MODEL
+
+MODEL = STACK_MODEL
 WEATHER: dict[str, Any] = {
     "name": "get_weather",
     "description": "The current weather in a city",

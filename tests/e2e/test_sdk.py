@@ -5,8 +5,9 @@ import pytest
 
 from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory
+from tests.support import STACK_MODEL
 
-MODEL = "abliterated-model"
+MODEL = STACK_MODEL
 GREEDY = {"temperature": 0}
 
 

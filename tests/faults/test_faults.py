@@ -30,9 +30,9 @@ from db.reconcile import reconcile
 from db.session import get_sessionmaker
 from infra.bench.observe import descendants
 from infra.launcher.stack import Stack
-from tests.support import sse_events, wait_for
+from tests.support import STACK_MODEL, sse_events, wait_for
 
-MODEL = "abliterated-model"
+MODEL = STACK_MODEL
 LANES = interactive_lanes(MODEL, 4)  # ABL_QUEUE_LANES
 LONG = {
     "model": MODEL,

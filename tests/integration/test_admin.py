@@ -12,10 +12,11 @@ from api.ids import new_message_id, new_request_id
 from db.ledger import NewRequest, Outcome, open_request, settle_request
 from db.pricing import Prices
 from db.session import transaction
+from tests.support import STACK_MODEL
 
 pytestmark = pytest.mark.integration
 
-MODEL = "abliterated-model"
+MODEL = STACK_MODEL
 ACCOUNT_FIELDS = {
     "id",
     "name",

@@ -123,7 +123,7 @@ def test_ledger_csv_and_request(stack: Any, tmp_path: Path) -> None:
         assert abl(stack, "credits", "add", account_id, amount).returncode == 0
     key = abl_json(stack, "keys", "create", account_id)["key"]
     body = {
-        "model": "abliterated-model",
+        "model": "abl-tiny",
         "max_tokens": 2,
         "messages": [{"role": "user", "content": "hi"}],
     }

@@ -13,14 +13,13 @@ import pytest
 
 from api.anthropic.convert import conversation_of
 from api.anthropic.protocol import MessagesRequest
-from contract.catalog import DEFAULT_MODEL
 from contract.rendering import PromptRenderer
 from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory, ApiAccount
 from tests.integration.api_process import api_process
-from tests.support import sse_events
+from tests.support import STACK_MODEL_SPEC, sse_events
 
-MODEL = DEFAULT_MODEL.id
+MODEL = STACK_MODEL_SPEC.id
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 USER = [{"role": "user", "content": "Hi"}]
 WEATHER = {
@@ -76,11 +75,11 @@ def renderer(stack: Stack) -> PromptRenderer:
 
 @pytest.fixture(scope="module")
 def aliased(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A second API process whose catalogue gives the default model aliases and lets it
+    """A second API process whose catalogue gives the stack's model aliases and lets it
     answer up to 2,048 tokens (an operator's choices; the stack's own API has neither)."""
     folder = tmp_path_factory.mktemp("aliases")
     changes = {"aliases": ["claude-*", "gpt-4o"], "max_output_tokens": 2048}
-    spec = DEFAULT_MODEL.model_copy(update=changes)
+    spec = STACK_MODEL_SPEC.model_copy(update=changes)
     models_file = folder / "models.json"
     models_file.write_text(json.dumps([spec.model_dump(mode="json")]))
     with api_process(stack, folder / "api.log", {"ABL_MODELS_FILE": str(models_file)}) as url:

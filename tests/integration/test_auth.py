@@ -23,8 +23,9 @@ from db.models import ApiKey
 from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory, ApiAccount
 from tests.integration.api_process import api_process
+from tests.support import STACK_MODEL
 
-MODEL = "abliterated-model"
+MODEL = STACK_MODEL
 MESSAGES = [{"role": "user", "content": "Hi"}]
 COUNT_BODY = {"model": MODEL, "messages": MESSAGES}
 

@@ -15,16 +15,15 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from contract.catalog import DEFAULT_MODEL
 from contract.settings import CoreSettings
 from db.models import LedgerEntry, Request
 from db.pricing import cost_usd, credits_for
 from db.session import get_sessionmaker
 from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory, ApiAccount
-from tests.support import sse_events
+from tests.support import STACK_MODEL_SPEC, sse_events
 
-MODEL = DEFAULT_MODEL.id
+MODEL = STACK_MODEL_SPEC.id
 # The stack's children inherit this environment: they price credits the same way.
 CREDIT_PRICE = Decimal(CoreSettings().credit_price_usd)
 PROMPTS = [
@@ -187,8 +186,8 @@ def test_a_client_that_goes_away_frees_its_slot_and_pays_for_what_was_made(
     cost = cost_usd(
         row.input_tokens,
         row.output_tokens,
-        DEFAULT_MODEL.input_price_per_mtok,
-        DEFAULT_MODEL.output_price_per_mtok,
+        STACK_MODEL_SPEC.input_price_per_mtok,
+        STACK_MODEL_SPEC.output_price_per_mtok,
     )
     assert row.cost_usd == cost
     assert row.credits_charged == credits_for(cost, CREDIT_PRICE)

@@ -14,12 +14,13 @@ from schemathesis import GenerationMode
 
 from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory
+from tests.support import STACK_MODEL
 
 # Per operation and mode (valid / invalid data): 8 runs x 25 = 200 requests.
 EXAMPLES = int(os.environ.get("ABL_FUZZ_EXAMPLES", "25"))
 # Generation is real (a CPU worker); valid requests stay cheap with a tiny max_tokens.
 MAX_TOKENS = 3
-MODEL = "abliterated-model"
+MODEL = STACK_MODEL
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ from sqlalchemy.orm import Session
 
 from db.models import Account, LedgerEntry, Request
 from db.reconcile import reconcile
+from tests.support import STACK_MODEL
 
-MODEL = "abliterated-model"
+MODEL = STACK_MODEL
 
 
 def test_request_writes_reserve_release_and_charge(http: httpx.Client, db: Session) -> None:

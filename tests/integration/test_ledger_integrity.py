@@ -21,7 +21,7 @@ from tests.conftest import AccountFactory
 pytestmark = pytest.mark.integration
 
 BODY = {
-    "model": "abliterated-model",
+    "model": "abl-tiny",
     "max_tokens": 4,
     "messages": [{"role": "user", "content": "Hi"}],
 }

@@ -27,11 +27,11 @@ from db.session import get_sessionmaker, transaction
 from db.stuck_requests import sweep
 from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory
-from tests.support import wait_for
+from tests.support import STACK_MODEL, wait_for
 
 pytestmark = pytest.mark.integration
 
-MODEL = "abliterated-model"
+MODEL = STACK_MODEL
 PRICE_PER_MTOK = Decimal(5)
 CREDIT_USD = Decimal("0.001")
 # Requests opened here directly, at ten times the catalogue's price so charges are whole credits.

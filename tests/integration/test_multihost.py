@@ -25,11 +25,11 @@ from db.session import get_sessionmaker
 from infra.launcher.stack import Stack
 from tests.netns import VirtualHosts, netns_unavailable
 from tests.scrape import Samples, scrape
-from tests.support import wait_for
+from tests.support import STACK_MODEL, wait_for
 
 pytestmark = pytest.mark.integration
 
-MODEL = "abliterated-model"
+MODEL = STACK_MODEL
 HOSTS = 3
 MAX_BATCH = 2  # so that 6 requests in flight must occupy every worker
 LEASE_S = 3

@@ -13,11 +13,11 @@ from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory, ApiAccount
 from tests.integration.api_process import api_process
 from tests.scrape import Samples, scrape
-from tests.support import wait_for
+from tests.support import STACK_MODEL, wait_for
 
 pytestmark = pytest.mark.integration
 
-MODEL = "abliterated-model"
+MODEL = STACK_MODEL
 BODY = {
     "model": MODEL,
     "max_tokens": 16,

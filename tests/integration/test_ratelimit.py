@@ -20,8 +20,9 @@ from api.settings import ApiSettings
 from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory
 from tests.integration.api_process import api_process
+from tests.support import STACK_MODEL
 
-MODEL = "abliterated-model"
+MODEL = STACK_MODEL
 BODY: dict[str, Any] = {
     "model": MODEL,
     "max_tokens": 4,

@@ -21,10 +21,11 @@ from db import daily_usage
 from db.models import Account, Request
 from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory, ApiAccount
+from tests.support import STACK_MODEL
 
 pytestmark = pytest.mark.integration
 
-MODEL = "abliterated-model"
+MODEL = STACK_MODEL
 METRICS = ("requests", "input_tokens", "output_tokens", "credits_charged", "cost_usd")
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,11 +8,10 @@ import httpx
 import pytest
 import redis
 
-from contract.catalog import DEFAULT_MODEL_ID
 from contract.keys import WORKER_REGISTRY, heartbeat_key
 from contract.worker_registry import HEARTBEAT_SCRIPT, heartbeat_call
 from infra.launcher.stack import Stack
-from tests.support import wait_for
+from tests.support import STACK_MODEL, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +63,7 @@ def test_readiness_and_metrics_never_scan_the_keyspace(stack: Stack, client: red
 
 def test_a_worker_whose_heartbeat_stops_drops_out(stack: Stack, client: redis.Redis) -> None:
     ghost = f"ghost-{secrets.token_hex(4)}"
-    payload = {"name": ghost, "models": [DEFAULT_MODEL_ID], "active": 0, "engines": {}}
+    payload = {"name": ghost, "models": [STACK_MODEL], "active": 0, "engines": {}}
     beat = client.register_script(HEARTBEAT_SCRIPT)
     beat(**heartbeat_call(ghost, payload, lifetime_s=3.0))  # one beat, then silence
     assert client.zscore(WORKER_REGISTRY, ghost) is not None

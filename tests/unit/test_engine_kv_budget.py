@@ -42,12 +42,12 @@ Factory = Callable[..., Budgeted]
 
 
 @pytest.fixture
-def budgeted(default_model_dir: Path) -> Iterator[Factory]:
+def budgeted(tiny_model_dir: Path) -> Iterator[Factory]:
     made: list[Budgeted] = []
 
     def make(budget_tokens: int, max_batch: int = 64) -> Budgeted:
         engine = TransformersEngine(
-            default_model_dir, max_batch=max_batch, kv_budget_bytes=budget_tokens * TOKEN_BYTES
+            tiny_model_dir, max_batch=max_batch, kv_budget_bytes=budget_tokens * TOKEN_BYTES
         )
         harness = Budgeted(engine)
         engine.on_events = lambda: harness.seen.append(engine.stats)
@@ -59,8 +59,8 @@ def budgeted(default_model_dir: Path) -> Iterator[Factory]:
         harness.engine.stop()
 
 
-def test_bytes_per_token_is_what_a_prefill_really_caches(default_model_dir: Path) -> None:
-    engine = TransformersEngine(default_model_dir, kv_budget_bytes=100 * TOKEN_BYTES)
+def test_bytes_per_token_is_what_a_prefill_really_caches(tiny_model_dir: Path) -> None:
+    engine = TransformersEngine(tiny_model_dir, kv_budget_bytes=100 * TOKEN_BYTES)
     ids = torch.tensor([prompt_ids(engine, "Hello there, how are you?")])
     cache = DynamicCache()
     with torch.inference_mode():
@@ -124,8 +124,8 @@ def test_a_request_larger_than_the_budget_runs_alone(budgeted: Factory) -> None:
     assert results[0].ids == results[1].ids and len(results[0].ids) == 6
 
 
-def test_the_engine_process_takes_the_budget_and_reports_it(default_model_dir: Path) -> None:
-    engine = EngineProcess.load(default_model_dir, kv_budget_bytes=100 * TOKEN_BYTES)
+def test_the_engine_process_takes_the_budget_and_reports_it(tiny_model_dir: Path) -> None:
+    engine = EngineProcess.load(tiny_model_dir, kv_budget_bytes=100 * TOKEN_BYTES)
     try:
         stats = engine.stats
         assert (stats.kv_budget_tokens, stats.kv_bytes_per_token) == (100, TOKEN_BYTES)

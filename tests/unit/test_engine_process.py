@@ -54,8 +54,8 @@ def wait_until(predicate: object, timeout: float = 30) -> None:
 
 
 @pytest.fixture(scope="module")
-def renderer(default_model_dir: Path) -> PromptRenderer:
-    return PromptRenderer.from_folder(default_model_dir)
+def renderer(tiny_model_dir: Path) -> PromptRenderer:
+    return PromptRenderer.from_folder(tiny_model_dir)
 
 
 def ids_of(renderer: PromptRenderer, text: str) -> list[int]:
@@ -63,16 +63,16 @@ def ids_of(renderer: PromptRenderer, text: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def proc(default_model_dir: Path) -> Iterator[EngineProcess]:
-    engine = EngineProcess.load(default_model_dir, max_batch=8)
+def proc(tiny_model_dir: Path) -> Iterator[EngineProcess]:
+    engine = EngineProcess.load(tiny_model_dir, max_batch=8)
     yield engine
     engine.stop()
 
 
 def test_concurrent_requests_match_the_in_process_engine(
-    proc: EngineProcess, renderer: PromptRenderer, default_model_dir: Path
+    proc: EngineProcess, renderer: PromptRenderer, tiny_model_dir: Path
 ) -> None:
-    reference = TransformersEngine.load(default_model_dir, max_batch=8)
+    reference = TransformersEngine.load(tiny_model_dir, max_batch=8)
     try:
         expected = [
             collect(reference.submit(Submission(f"ref{i}", ids_of(renderer, p), greedy())))
@@ -123,8 +123,8 @@ def test_bad_prompts_and_duplicates_are_refused(
     )
 
 
-def test_stop_fails_what_is_running(default_model_dir: Path, renderer: PromptRenderer) -> None:
-    engine = EngineProcess.load(default_model_dir, max_batch=2)
+def test_stop_fails_what_is_running(tiny_model_dir: Path, renderer: PromptRenderer) -> None:
+    engine = EngineProcess.load(tiny_model_dir, max_batch=2)
     generations = [
         engine.submit(Submission(f"s{i}", ids_of(renderer, PROMPTS[0]), greedy(1500)))
         for i in range(3)
@@ -139,7 +139,7 @@ def test_stop_fails_what_is_running(default_model_dir: Path, renderer: PromptRen
 
 
 def test_a_dead_child_fails_its_requests_and_tells_the_owner(
-    default_model_dir: Path, renderer: PromptRenderer
+    tiny_model_dir: Path, renderer: PromptRenderer
 ) -> None:
     exits: list[int | None] = []
     told = threading.Event()
@@ -148,7 +148,7 @@ def test_a_dead_child_fails_its_requests_and_tells_the_owner(
         exits.append(code)
         told.set()
 
-    engine = EngineProcess.load(default_model_dir, max_batch=4, on_exit=on_exit)
+    engine = EngineProcess.load(tiny_model_dir, max_batch=4, on_exit=on_exit)
     generation = engine.submit(Submission("victim", ids_of(renderer, PROMPTS[0]), greedy(1500)))
     assert isinstance(generation.get(timeout=30), TextChunk)
     assert engine.pid is not None
@@ -172,12 +172,12 @@ def test_the_child_ignores_sigterm(proc: EngineProcess, renderer: PromptRenderer
     assert alive(proc.pid)
 
 
-def test_the_child_exits_when_the_worker_is_killed(default_model_dir: Path) -> None:
+def test_the_child_exits_when_the_worker_is_killed(tiny_model_dir: Path) -> None:
     script = textwrap.dedent(
         f"""
         import sys, time
         from workers.engine_process import EngineProcess, serve
-        engine = EngineProcess.load({str(default_model_dir)!r}, max_batch=2)
+        engine = EngineProcess.load({str(tiny_model_dir)!r}, max_batch=2)
         print(engine.pid, flush=True)
         time.sleep(600)
         """
@@ -195,13 +195,13 @@ def test_the_child_exits_when_the_worker_is_killed(default_model_dir: Path) -> N
 
 
 def test_the_child_answers_a_duplicate_submit_with_a_failure(
-    default_model_dir: Path, renderer: PromptRenderer
+    tiny_model_dir: Path, renderer: PromptRenderer
 ) -> None:
     """The child's side of the socket, run here: a request id it already runs is refused with a
     Failed event (the worker side never sends one, but must not wait forever if it did)."""
     ours, theirs = socket.socketpair()
     worker, child = Connection(ours.detach()), Connection(theirs.detach())
-    args = (child, "transformers", default_model_dir, BackendOptions(max_batch=2))
+    args = (child, "transformers", tiny_model_dir, BackendOptions(max_batch=2))
     thread = threading.Thread(target=serve, args=args, daemon=True)
     thread.start()
     try:

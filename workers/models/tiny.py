@@ -1,14 +1,17 @@
-"""Builds the default model, `abliterated-model`, offline and reproducibly.
+"""Builds the test model, `abl-tiny`, offline and reproducibly.
 
-Seeded random Llama weights, a byte-level BPE tokenizer trained on Python's own stdlib sources,
-and a ChatML-like chat template. The text it generates is meaningless; everything around it is
-real. Two builds on the same Python and library versions are byte-identical.
+Seeded random Llama weights (7M parameters, a 65,536-token context), a byte-level BPE tokenizer
+trained on Python's own stdlib sources, and a ChatML-like chat template. The text it generates
+is meaningless; everything around it is real. Two builds on the same Python and library versions
+are byte-identical. The folder's manifest (`abl-model.json`) names the recipe and its version: a
+folder built by another version (or holding another model) is built again.
 """
 
 import argparse
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -19,7 +22,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from contract.catalog import DEFAULT_MODEL_ID
+from contract.catalog import TEST_MODEL_ID
+from workers.models.gguf import MANIFEST_FILE, read_manifest
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_turn|>"
@@ -29,6 +33,11 @@ START_TOKEN = "<|start|>"
 SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, START_TOKEN]
 
 VOCAB_SIZE = 8000
+# Positions the model takes: long enough for an agent client's first request.
+CONTEXT_WINDOW = 65_536
+# Bump when the build's output changes: folders of another version are rebuilt.
+RECIPE_VERSION = 2
+MANIFEST = {"source_kind": "built-in", "source": "tiny", "recipe_version": RECIPE_VERSION}
 # Enough text for a useful 8k vocabulary while keeping training around a second.
 TRAINING_CHARS = 5_000_000
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -45,8 +54,13 @@ CHAT_TEMPLATE = (
 
 
 def is_built(folder: Path) -> bool:
-    """Whether `folder` holds a complete model (config and weights)."""
-    return (folder / "config.json").is_file() and any((folder / f).is_file() for f in WEIGHT_FILES)
+    """Whether `folder` holds a complete build of this recipe's version."""
+    found = read_manifest(folder) or {}
+    return (
+        all(found.get(k) == v for k, v in MANIFEST.items())
+        and (folder / "config.json").is_file()
+        and any((folder / f).is_file() for f in WEIGHT_FILES)
+    )
 
 
 def training_files() -> list[Path]:
@@ -107,7 +121,7 @@ def _write_model(folder: Path) -> None:
         pad_token=PAD_TOKEN,
         additional_special_tokens=[START_TOKEN],
         chat_template=CHAT_TEMPLATE,
-        model_max_length=2048,
+        model_max_length=CONTEXT_WINDOW,
         clean_up_tokenization_spaces=False,
     )
     fast.save_pretrained(folder)
@@ -119,7 +133,7 @@ def _write_model(folder: Path) -> None:
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=CONTEXT_WINDOW,
         bos_token_id=ids[BOS_TOKEN],
         eos_token_id=ids[EOS_TOKEN],
         pad_token_id=ids[PAD_TOKEN],
@@ -133,6 +147,8 @@ def _write_model(folder: Path) -> None:
         pad_token_id=ids[PAD_TOKEN],
     )
     model.save_pretrained(folder)
+    # Last: a folder holds a manifest only once everything else is written.
+    (folder / MANIFEST_FILE).write_text(json.dumps(MANIFEST, indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -147,8 +163,8 @@ def _build_lock(dest: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_default_model(dest: Path, *, force: bool = False) -> Path:
-    """Builds the default model into `dest` unless it is already there; returns `dest`."""
+def build_tiny_model(dest: Path, *, force: bool = False) -> Path:
+    """Builds the test model into `dest` unless it is already there; returns `dest`."""
     dest = Path(dest).absolute()
     if is_built(dest) and not force:
         return dest
@@ -193,12 +209,12 @@ def folder_digest(folder: Path) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     from contract.settings import CoreSettings
 
-    parser = argparse.ArgumentParser(description="Build the default model offline.")
+    parser = argparse.ArgumentParser(description="Build the test model offline.")
     parser.add_argument("dest", nargs="?", type=Path, help="target folder")
     parser.add_argument("--force", action="store_true", help="rebuild even if present")
     args = parser.parse_args(argv)
-    dest = args.dest or CoreSettings().models_dir / DEFAULT_MODEL_ID
-    path = build_default_model(dest, force=args.force)
+    dest = args.dest or CoreSettings().models_dir / TEST_MODEL_ID
+    path = build_tiny_model(dest, force=args.force)
     for name, digest in folder_digest(path).items():
         print(f"{digest}  {name}")
     print(path)

@@ -153,9 +153,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from workers.models.tiny import build_default_model
+            from workers.models.tiny import build_tiny_model
 
-            model = build_default_model(Path(tmp) / "abliterated-model")
+            model = build_tiny_model(Path(tmp) / "abl-tiny")
         print(json.dumps(run(model, args.concurrency, args.max_tokens), indent=2))
 
 
