@@ -33,6 +33,7 @@ from workers.backends.seam import (
     TextChunk,
 )
 from workers.backends.textstream import IncrementalDecoder, StopMatcher
+from workers.backends.transformers.constrained import GrammarError, Matcher, RowGrammars, accept
 from workers.backends.transformers.kv_batch import KV, BatchCache, kv_bytes_per_token, layers_of
 from workers.backends.transformers.sampling import make_generator, sample_next
 
@@ -58,6 +59,7 @@ class _Sequence:
     # KV positions it may come to hold: prompt + max_tokens, within the context window.
     reserve: int
     owner: str  # whose request (its account): admission is fair between owners
+    matcher: Matcher | None = None  # its output grammar, if constrained (constrained.py)
 
 
 class _Batch:
@@ -129,6 +131,10 @@ class TransformersEngine:
         # transformers 5 renamed past_key_values to cache; accept either spelling.
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._keeps_logits = "logits_to_keep" in params
+        # Grammar masks of constrained rows (forced tool calls, structured output).
+        self.grammars = RowGrammars(
+            self.model_path, self.eos_token_ids, self.vocab_size, self.hard_max_batch
+        )
 
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
@@ -172,6 +178,7 @@ class TransformersEngine:
         self._waiting.clear()
         self._batch = _Batch()
         self._publish_finals()
+        self.grammars.close()
 
     def submit(self, submission: Submission) -> Generation:
         """Queues a request; its events arrive on the returned Generation."""
@@ -189,6 +196,12 @@ class TransformersEngine:
             owner=submission.owner or request_id,
         )
         problem = self._check_prompt(seq.prompt)
+        if problem is None and submission.constraint is not None:
+            try:
+                budget = min(sampling.max_tokens, self.max_context - len(seq.prompt))
+                seq.matcher = self.grammars.matcher(submission.constraint, budget)
+            except GrammarError as exc:
+                problem = f"the output constraint cannot be enforced: {exc}"
         if problem is not None:
             generation._put(Failed(problem))
             return generation
@@ -334,6 +347,7 @@ class TransformersEngine:
             return
         try:
             logits, cache, mask = self._prefill_batch([seq.prompt for seq in admitted])
+            self.grammars.mask(logits, [s.matcher for s in admitted])
             tokens = sample_next(
                 logits, [s.params for s in admitted], [s.generator for s in admitted]
             )
@@ -372,6 +386,7 @@ class TransformersEngine:
             try:
                 ids = torch.tensor([seq.prompt], device=self.device)
                 logits = self._forward(ids, None, None, cache)
+                self.grammars.mask(logits, [seq.matcher])
                 token = sample_next(logits, [seq.params], [seq.generator])[0]
             except Exception as exc:  # one bad request (or OOM) must not stop the engine
                 log.exception("prefill failed for %s", seq.generation.request_id)
@@ -389,8 +404,10 @@ class TransformersEngine:
         # Each row feeds its last sampled token, which is not in the cache yet.
         ids = torch.tensor([[s.output[-1]] for s in batch.seqs], device=self.device)
         mask, positions = batch.kv.step_inputs()
+        self.grammars.start([s.matcher for s in batch.seqs])  # beside the forward
         try:
             logits = self._forward(ids, mask, positions, batch.kv.cache)
+            self.grammars.apply(logits)
             tokens = sample_next(
                 logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs]
             )
@@ -430,12 +447,18 @@ class TransformersEngine:
             self._stats.tokens_generated += 1
         if token in self.eos_token_ids:
             return self._end(seq, "end_turn")
+        refused = accept(seq.matcher, token) if seq.matcher is not None else None
+        if refused is not None:
+            self._fail(seq, refused)
+            return True
         safe, matched = seq.stopper.feed(seq.decoder.push(token))
         if safe:
             seq.generation._put(TextChunk(safe, count))
         if matched is not None:
             self._finish(seq, "stop_sequence", matched)
             return True
+        if seq.matcher is not None and seq.matcher.must_stop():
+            return self._end(seq, "end_turn")  # the grammar is complete: nothing may follow
         if count >= seq.params.max_tokens or len(seq.prompt) + count >= self.max_context:
             return self._end(seq, "max_tokens")
         return False
