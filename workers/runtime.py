@@ -164,7 +164,9 @@ class WorkerRuntime:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         options = BackendOptions(
-            max_batch=self.settings.max_batch, num_threads=self.settings.torch_threads
+            max_batch=self.settings.max_batch,
+            num_threads=self.settings.torch_threads,
+            prefill_chunk_tokens=self.settings.prefill_chunk_tokens,
         )
         for model_id in self.settings.models:
             if model_id in self.engines:

@@ -144,11 +144,14 @@ class Submission:
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """How the worker sizes a backend (ABL_MAX_BATCH, ABL_TORCH_THREADS)."""
+    """How the worker sizes a backend (ABL_MAX_BATCH, ABL_TORCH_THREADS,
+    ABL_PREFILL_CHUNK_TOKENS)."""
 
     max_batch: int = 16  # sequences decoded together at most
     num_threads: int | None = None  # CPU threads; None: the backend decides
     kv_budget_bytes: int | None = None  # memory for keys and values; None: the backend's default
+    # Long prompts are prefilled this many tokens per step; None: the backend's default.
+    prefill_chunk_tokens: int | None = None
 
 
 class Backend(Protocol):
