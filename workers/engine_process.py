@@ -92,10 +92,11 @@ class EngineProcess:
         max_batch: int = 16,
         num_threads: int | None = None,
         kv_budget_bytes: int | None = None,
+        prefill_chunk_tokens: int | None = None,
         **kw: object,
     ) -> "EngineProcess":
         """Starts the child and waits until its model is loaded."""
-        options = BackendOptions(max_batch, num_threads, kv_budget_bytes)
+        options = BackendOptions(max_batch, num_threads, kv_budget_bytes, prefill_chunk_tokens)
         engine = cls(model_path, options=options, **kw)  # type: ignore[arg-type]
         engine.start()
         return engine
@@ -119,6 +120,8 @@ class EngineProcess:
             argv += ["--kv-budget-bytes", str(self.options.kv_budget_bytes)]
         if self.prepare is not None:
             argv += ["--prepare", self.prepare]
+        if self.options.prefill_chunk_tokens is not None:
+            argv += ["--prefill-chunk-tokens", str(self.options.prefill_chunk_tokens)]
         self._proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),))
         theirs.close()  # the child holds the only copy: its death reads as EOF here
         self._conn = Connection(ours.detach())
@@ -303,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--prepare", metavar="MODEL_ID", help="make the model's folder first")
     parser.add_argument("--kv-budget-bytes", type=int, default=None)
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=None)
     args = parser.parse_args(argv)
     # The worker stops this process when its own shutdown grace is over.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -322,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
             log.critical("%s", exc)
             return 2
     options = BackendOptions(
-        max_batch=args.max_batch, num_threads=args.threads, kv_budget_bytes=args.kv_budget_bytes
+        max_batch=args.max_batch,
+        num_threads=args.threads,
+        kv_budget_bytes=args.kv_budget_bytes,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
     )
     serve(conn, args.backend, args.model_path, options)
     return 0

@@ -13,6 +13,7 @@ has passed since its previous delta (or it ends), so a delta carries a few token
 are fast, without holding any text for longer than that interval plus one step.
 """
 
+import dataclasses
 import logging
 import threading
 import time
@@ -59,6 +60,16 @@ def coalesce(events: list[EngineEvent]) -> tuple[str, int, Finished | Failed | N
         else:
             return text, tokens, event
     return text, tokens, None
+
+
+def _with_stop_reason(final: Finished | Failed, shaper: Shaper) -> Finished | Failed:
+    """The engine's terminal event with the answer's stop reason (a tool call: `tool_use`)."""
+    if not isinstance(final, Finished) or final.cancelled:
+        return final
+    reason = shaper.stop_reason(final.stop_reason)
+    if reason == final.stop_reason:
+        return final
+    return dataclasses.replace(final, stop_reason=reason, stop_sequence=None)
 
 
 class DeltaPump:
@@ -137,7 +148,7 @@ class DeltaPump:
                     stream.tokens = tokens
                 if final is not None:
                     stream.held += stream.shaper.finish()
-                    stream.final = final
+                    stream.final = _with_stop_reason(final, stream.shaper)
                     ended.append(stream)
                 if stream.held and (final is not None or self._due(stream, now)):
                     if not self._muted(stream.request_id):

@@ -49,11 +49,19 @@ from contract.worker_registry import HEARTBEAT_SCRIPT, heartbeat_call
 from db.ledger import Outcome, Settlement, claim_request, settle_request
 from db.pricing import Prices
 from db.session import in_autocommit
-from workers.backends.seam import Backend, BackendOptions, Failed, Finished, Generation, Submission
+from workers.backends.seam import (
+    Backend,
+    BackendOptions,
+    Constraint,
+    Failed,
+    Finished,
+    Generation,
+    Submission,
+)
 from workers.engine_process import EngineProcess
 from workers.pump import DeltaPump
 from workers.settings import WorkerSettings
-from workers.shaping import AddToBlock, BlockOp, OpenBlock
+from workers.shaping import AddToBlock, BlockOp, OpenBlock, shaper_for
 from workers.sweeper import Sweeper
 from workers.telemetry import EngineCollector, RequestTelemetry, serve_metrics
 
@@ -156,7 +164,9 @@ class WorkerRuntime:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         options = BackendOptions(
-            max_batch=self.settings.max_batch, num_threads=self.settings.torch_threads
+            max_batch=self.settings.max_batch,
+            num_threads=self.settings.torch_threads,
+            prefill_chunk_tokens=self.settings.prefill_chunk_tokens,
         )
         for model_id in self.settings.models:
             if model_id in self.engines:
@@ -323,7 +333,7 @@ class WorkerRuntime:
         def ended(final: Finished | Failed) -> None:  # on the pump's thread
             self._work.submit(self._guarded, self._end, job, publisher, delivery, final)
 
-        self.pump.watch(generation, publisher, ended)
+        self.pump.watch(generation, publisher, ended, shaper_for(job))
 
     def _taken(self, job: GenerateJob) -> None:
         """Counts the job out of its account's share of the queue (api/taskqueue.py)."""
@@ -490,7 +500,25 @@ class WorkerRuntime:
 
 
 def _submission(job: GenerateJob) -> Submission:
-    return Submission(job.request_id, job.input_ids, job.sampling, owner=job.account_id)
+    return Submission(
+        job.request_id,
+        job.input_ids,
+        job.sampling,
+        owner=job.account_id,
+        constraint=constraint_of(job),
+    )
+
+
+def constraint_of(job: GenerateJob) -> Constraint | None:
+    """The grammar the job's answer must follow: a forced tool call (tool_choice any/tool)
+    comes first, then structured output; None for free text."""
+    tools = job.tool_use
+    if tools is not None and tools.choice in ("any", "tool") and tools.tools:
+        schemas = {t.name: t.input_schema for t in tools.tools}
+        return Constraint("tool_call", tools=schemas, name=tools.name)
+    if job.output_schema is not None:
+        return Constraint("json", schema=job.output_schema)
+    return None
 
 
 _runtime: WorkerRuntime | None = None

@@ -32,6 +32,7 @@ from contract.catalog import ModelSpec
 from contract.conversation import Conversation, ToolCall, ToolResult, Turn, TurnPart
 from contract.events import BlockStartEvent, ContentEvent, DeltaEvent, DoneEvent
 from contract.jobs import SamplingParams
+from contract.json_prefix import complete_prefix
 from contract.toolcalls import ToolSpec
 
 DEFAULT_PAGE_LIMIT = 20
@@ -136,7 +137,7 @@ class ContentAssembler:
             text = "".join(parts)
             if start.block_type == "tool_use":
                 assert start.tool_use_id is not None and start.tool_name is not None
-                tool_input = json.loads(text) if text else {}
+                tool_input = tool_input_of(text)
                 out.append(
                     ToolUseBlock(id=start.tool_use_id, name=start.tool_name, input=tool_input)
                 )
@@ -146,6 +147,18 @@ class ContentAssembler:
                 out.append(TextBlock(text=text))
         # Never empty, so `message.content[0].text` works for clients of an empty answer.
         return out or [TextBlock(text="")]
+
+
+def tool_input_of(partial_json: str) -> dict[str, Any]:
+    """A tool_use block's `input` from its deltas; a call cut short (max_tokens) keeps the
+    members that were complete."""
+    if not partial_json:
+        return {}
+    try:
+        value = json.loads(partial_json)
+    except ValueError:
+        value = complete_prefix(partial_json)
+    return value if isinstance(value, dict) else {}
 
 
 class ThinkingSignatures:

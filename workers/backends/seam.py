@@ -13,11 +13,12 @@ import contextlib
 import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from contract.jobs import SamplingParams
 
-StopReason = Literal["end_turn", "max_tokens", "stop_sequence"]
+# "tool_use" is never an engine's: the worker's shaping sets it when the answer called a tool.
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 
 
 @dataclass
@@ -113,6 +114,22 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What the output must be, by construction (the backend masks each step's logits).
+
+    `json`: one JSON value valid under `schema` (structured output). `tool_call`: exactly one
+    call, in the tool-call text format (`contract.toolcalls`), to tool `name` or, without a
+    name, to any of `tools` (name -> input_schema). Schemas were checked by the API
+    (`contract.json_schema_support`).
+    """
+
+    kind: Literal["json", "tool_call"]
+    schema: dict[str, Any] | bool | None = None
+    tools: dict[str, dict[str, Any]] | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
 class Submission:
     """One request for a backend: the prompt's token ids and how to decode."""
 
@@ -121,15 +138,20 @@ class Submission:
     sampling: SamplingParams
     # Whose request it is (the account): backends share their batch fairly between owners.
     owner: str | None = None
+    # A grammar the output must follow; None: free text.
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """How the worker sizes a backend (ABL_MAX_BATCH, ABL_TORCH_THREADS)."""
+    """How the worker sizes a backend (ABL_MAX_BATCH, ABL_TORCH_THREADS,
+    ABL_PREFILL_CHUNK_TOKENS)."""
 
     max_batch: int = 16  # sequences decoded together at most
     num_threads: int | None = None  # CPU threads; None: the backend decides
     kv_budget_bytes: int | None = None  # memory for keys and values; None: the backend's default
+    # Long prompts are prefilled this many tokens per step; None: the backend's default.
+    prefill_chunk_tokens: int | None = None
 
 
 class Backend(Protocol):

@@ -14,7 +14,7 @@ import os
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from workers.backends.seam import (
     TextChunk,
 )
 from workers.backends.textstream import IncrementalDecoder, StopMatcher
+from workers.backends.transformers.constrained import GrammarError, Matcher, RowGrammars, accept
 from workers.backends.transformers.kv_batch import KV, BatchCache, kv_bytes_per_token, layers_of
 from workers.backends.transformers.sampling import make_generator, sample_next
 
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 # Prompt tokens prefilled per step before the running batch gets its next decode step, so a
 # burst of long prompts cannot stall everyone else's tokens for long.
 PREFILL_TOKENS_PER_STEP = 4096
+# A prompt longer than this is prefilled this many tokens per step (ABL_PREFILL_CHUNK_TOKENS),
+# the running batch decoding between chunks: a 20k-token prompt does not stop everyone's tokens
+# for the whole of its prefill.
+DEFAULT_PREFILL_CHUNK_TOKENS = 2048
 # Most bytes the running batch's KV cache may reserve: fits a 2-core, 8 GB laptop beside the
 # default model (~1.1 GB resident), the API, Postgres and Redis.
 DEFAULT_KV_BUDGET_BYTES = 1536 * 1024 * 1024
@@ -58,6 +63,7 @@ class _Sequence:
     # KV positions it may come to hold: prompt + max_tokens, within the context window.
     reserve: int
     owner: str  # whose request (its account): admission is fair between owners
+    matcher: Matcher | None = None  # its output grammar, if constrained (constrained.py)
 
 
 class _Batch:
@@ -94,9 +100,11 @@ class TransformersEngine:
         max_context: int | None = None,
         num_threads: int | None = None,
         kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
+        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
     ) -> None:
         self.model_path = Path(model_path)
         self.max_batch = max_batch
+        self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
         # Rows a full batch may still take for owners with nothing running.
         self.hard_max_batch = max_batch + max(1, max_batch // 4)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -129,6 +137,10 @@ class TransformersEngine:
         # transformers 5 renamed past_key_values to cache; accept either spelling.
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._keeps_logits = "logits_to_keep" in params
+        # Grammar masks of constrained rows (forced tool calls, structured output).
+        self.grammars = RowGrammars(
+            self.model_path, self.eos_token_ids, self.vocab_size, self.hard_max_batch
+        )
 
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
@@ -137,6 +149,8 @@ class TransformersEngine:
         # Called on the stepping thread when new events are out (workers.pump.DeltaPump).
         self.on_events: Callable[[], None] | None = None
         self._batch = _Batch()
+        # Long prompts being prefilled a chunk per step, in order; they join the batch after.
+        self._prefilling: deque[PartialPrefill] = deque()
         # Terminal events of this step, published once the batch no longer holds them.
         self._finals: list[tuple[_Sequence, Finished | Failed]] = []
         self._stats = EngineStats()
@@ -171,7 +185,9 @@ class TransformersEngine:
             self._fail(seq, "the engine stopped")
         self._waiting.clear()
         self._batch = _Batch()
+        self._prefilling.clear()
         self._publish_finals()
+        self.grammars.close()
 
     def submit(self, submission: Submission) -> Generation:
         """Queues a request; its events arrive on the returned Generation."""
@@ -189,6 +205,12 @@ class TransformersEngine:
             owner=submission.owner or request_id,
         )
         problem = self._check_prompt(seq.prompt)
+        if problem is None and submission.constraint is not None:
+            try:
+                budget = min(sampling.max_tokens, self.max_context - len(seq.prompt))
+                seq.matcher = self.grammars.matcher(submission.constraint, budget)
+            except GrammarError as exc:
+                problem = f"the output constraint cannot be enforced: {exc}"
         if problem is not None:
             generation._put(Failed(problem))
             return generation
@@ -215,14 +237,16 @@ class TransformersEngine:
             return EngineStats(
                 **{
                     **self._stats.__dict__,
-                    "active": len(self._batch.seqs),
+                    "active": len(self._batch.seqs) + len(self._prefilling),
                     "waiting": len(self._waiting),
                     "kv_tokens": sum(self._batch.kv.lengths),
                     "kv_allocated_tokens": len(self._batch.kv) * self._batch.kv.width,
                     "kv_capacity_tokens": min(
                         self.kv_budget_tokens, self.max_batch * self.max_context
                     ),
-                    "kv_reserved_tokens": _reserved(self._batch.seqs),
+                    "kv_reserved_tokens": _reserved(
+                        [*self._batch.seqs, *(p.seq for p in self._prefilling)]
+                    ),
                     "kv_budget_tokens": self.kv_budget_tokens,
                     "kv_bytes_per_token": self.kv_bytes_per_token,
                 }
@@ -243,7 +267,9 @@ class TransformersEngine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while self._running and not (self._waiting or self._batch.seqs or self._cancel):
+                    while self._running and not (
+                        self._waiting or self._batch.seqs or self._cancel or self._prefilling
+                    ):
                         self._cond.wait()
                     if not self._running:
                         return
@@ -254,10 +280,14 @@ class TransformersEngine:
                 except Exception as exc:  # a bug here must not leave every caller waiting forever
                     log.exception("engine step failed")
                     ended = {id(seq) for seq, _ in self._finals}
-                    for seq in {id(s): s for s in [*self._batch.seqs, *admitted]}.values():
+                    partial = [p.seq for p in self._prefilling]
+                    for seq in {
+                        id(s): s for s in [*self._batch.seqs, *admitted, *partial]
+                    }.values():
                         if id(seq) not in ended:
                             self._fail(seq, f"engine error: {exc}")
                     self._batch = _Batch()
+                    self._prefilling.clear()
                 # After the batch is updated, so whoever sees a terminal event also sees the
                 # sequence gone from `stats` and its KV memory released.
                 self._publish_finals()
@@ -268,6 +298,8 @@ class TransformersEngine:
             # Cancelled sequences are out of the batch already: say so before the forward passes.
             self._publish_finals()
         self._prefill(admitted)
+        if self._prefilling:
+            admitted += self._prefill_chunk()
         if admitted:
             self._notify()  # first tokens go out now, not after the decode step
         if self._batch.seqs:
@@ -291,9 +323,10 @@ class TransformersEngine:
         self._waiting = kept
         admitted: list[_Sequence] = []
         budget = PREFILL_TOKENS_PER_STEP
-        rows = len(self._batch.seqs)
-        width = max((s.reserve for s in self._batch.seqs), default=0)
-        running = Counter(s.owner for s in self._batch.seqs)
+        active = [*self._batch.seqs, *(p.seq for p in self._prefilling)]
+        rows = len(active)
+        width = max((s.reserve for s in active), default=0)
+        running = Counter(s.owner for s in active)
         while self._waiting:
             seq = min(self._waiting, key=lambda s: running[s.owner])  # first of the least served
             # A full batch still takes a request whose owner has nothing running, up to
@@ -301,18 +334,22 @@ class TransformersEngine:
             # flooding account's to end (docs/architecture.md, "Queueing").
             if rows >= self.max_batch and (running[seq.owner] or rows >= self.hard_max_batch):
                 break
-            if admitted and len(seq.prompt) > budget:
+            cost = min(len(seq.prompt), self.prefill_chunk_tokens)  # this step's share
+            if admitted and cost > budget:
                 break
             if rows and (rows + 1) * max(width, seq.reserve) > self.kv_budget_tokens:
                 break
             self._waiting.remove(seq)
-            budget -= len(seq.prompt)
+            budget -= cost
             admitted.append(seq)
             running[seq.owner] += 1
             rows, width = rows + 1, max(width, seq.reserve)
         return admitted
 
     def _drop_cancelled(self, cancels: set[str]) -> None:
+        for partial in [p for p in self._prefilling if p.seq.generation.request_id in cancels]:
+            self._prefilling.remove(partial)
+            self._finish(partial.seq, None, None, cancelled=True)
         seqs = self._batch.seqs
         keep = [i for i, s in enumerate(seqs) if s.generation.request_id not in cancels]
         if len(keep) == len(seqs):
@@ -328,12 +365,18 @@ class TransformersEngine:
         On this model a forward costs ~4 ms of Python before any arithmetic, so k newcomers in
         one forward instead of k saves (k - 1) of those per step (docs/benchmarks.md). If the
         batched forward fails, each newcomer is retried alone, so a bad one fails by itself.
+        Prompts longer than a chunk are left to `_prefill_chunk`, one chunk per step.
         """
+        chunked = [s for s in admitted if len(s.prompt) > self.prefill_chunk_tokens]
+        if chunked:
+            self._prefilling += [PartialPrefill(s) for s in chunked]
+            admitted = [s for s in admitted if len(s.prompt) <= self.prefill_chunk_tokens]
         if len(admitted) <= 1:
             self._prefill_each(admitted)
             return
         try:
             logits, cache, mask = self._prefill_batch([seq.prompt for seq in admitted])
+            self.grammars.mask(logits, [s.matcher for s in admitted])
             tokens = sample_next(
                 logits, [s.params for s in admitted], [s.generator for s in admitted]
             )
@@ -372,6 +415,7 @@ class TransformersEngine:
             try:
                 ids = torch.tensor([seq.prompt], device=self.device)
                 logits = self._forward(ids, None, None, cache)
+                self.grammars.mask(logits, [seq.matcher])
                 token = sample_next(logits, [seq.params], [seq.generator])[0]
             except Exception as exc:  # one bad request (or OOM) must not stop the engine
                 log.exception("prefill failed for %s", seq.generation.request_id)
@@ -383,14 +427,42 @@ class TransformersEngine:
         if joined:
             self._batch.join(joined, caches)
 
+    def _prefill_chunk(self) -> list[_Sequence]:
+        """Prefills the next chunk of the first long prompt; after its last chunk it samples
+        the first token and joins the batch. Returns it then (its first token is out)."""
+        partial = self._prefilling[0]
+        seq = partial.seq
+        start, end = partial.done, min(partial.done + self.prefill_chunk_tokens, len(seq.prompt))
+        try:
+            ids = torch.tensor([seq.prompt[start:end]], device=self.device)
+            positions = torch.arange(start, end, device=self.device)[None, :]
+            logits = self._forward(ids, None, positions, partial.cache)
+            partial.done = end
+            if end < len(seq.prompt):
+                return []
+            self._prefilling.popleft()
+            self.grammars.mask(logits, [seq.matcher])
+            token = sample_next(logits, [seq.params], [seq.generator])[0]
+        except Exception as exc:  # one bad request (or OOM) must not stop the engine
+            log.exception("chunked prefill failed for %s", seq.generation.request_id)
+            if self._prefilling and self._prefilling[0] is partial:
+                self._prefilling.popleft()
+            self._fail(seq, f"prefill failed: {exc}")
+            return []
+        if not self._accept(seq, token):
+            self._batch.join([seq], [partial.cache])
+        return [seq]
+
     def _decode_step(self) -> None:
         batch = self._batch
         assert batch.kv.cache is not None
         # Each row feeds its last sampled token, which is not in the cache yet.
         ids = torch.tensor([[s.output[-1]] for s in batch.seqs], device=self.device)
         mask, positions = batch.kv.step_inputs()
+        self.grammars.start([s.matcher for s in batch.seqs])  # beside the forward
         try:
             logits = self._forward(ids, mask, positions, batch.kv.cache)
+            self.grammars.apply(logits)
             tokens = sample_next(
                 logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs]
             )
@@ -430,12 +502,18 @@ class TransformersEngine:
             self._stats.tokens_generated += 1
         if token in self.eos_token_ids:
             return self._end(seq, "end_turn")
+        refused = accept(seq.matcher, token) if seq.matcher is not None else None
+        if refused is not None:
+            self._fail(seq, refused)
+            return True
         safe, matched = seq.stopper.feed(seq.decoder.push(token))
         if safe:
             seq.generation._put(TextChunk(safe, count))
         if matched is not None:
             self._finish(seq, "stop_sequence", matched)
             return True
+        if seq.matcher is not None and seq.matcher.must_stop():
+            return self._end(seq, "end_turn")  # the grammar is complete: nothing may follow
         if count >= seq.params.max_tokens or len(seq.prompt) + count >= self.max_context:
             return self._end(seq, "max_tokens")
         return False
@@ -484,6 +562,15 @@ class TransformersEngine:
     def _notify(self) -> None:
         if self.on_events is not None:
             self.on_events()
+
+
+@dataclass
+class PartialPrefill:
+    """A long prompt part way through its prefill: its own cache, and how far it has got."""
+
+    seq: _Sequence
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    done: int = 0  # prompt tokens in `cache`
 
 
 def _reserved(seqs: list[_Sequence]) -> int:
