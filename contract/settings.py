@@ -16,7 +16,7 @@ class CoreSettings(BaseSettings):
     redis_url: str | None = None
     # USD price of one credit; the seed's example (42 + 128 tokens at $5/M = 1 credit) needs $0.001.
     credit_price_usd: str = "0.001"
-    # Extra model catalogue (JSON file); the default model is always present.
+    # Extra model catalogue (JSON file); the default and test models are always present.
     models_file: Path | None = None
     default_max_tokens: int = Field(default=1024, ge=1)
     # A worker renews a lease on each request it runs; a lease left to expire means it died.

@@ -26,7 +26,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from contract.catalog import DEFAULT_MODEL_ID
+from contract.catalog import TEST_MODEL_ID
 from infra.bench.observe import RssSampler, rss_mb
 from infra.bench.stats import percentile
 from infra.launcher.stack import Stack
@@ -40,7 +40,7 @@ DEFAULT_OUTPUT = Path("bench-results")
 
 def abusive_body(size: int) -> bytes:
     """A Messages request whose `messages` is `[{},{},...]`, `size` bytes long."""
-    head = b'{"model":"' + DEFAULT_MODEL_ID.encode() + b'","max_tokens":1,"messages":['
+    head = b'{"model":"' + TEST_MODEL_ID.encode() + b'","max_tokens":1,"messages":['
     count = max(1, (size - len(head) - 2) // 3)
     return head + b",".join([b"{}"] * count) + b"]}"
 
@@ -223,7 +223,10 @@ def run(uploads: int, body_mb: float, names: list[str]) -> dict[str, Any]:
     bogus_key = {"x-api-key": "ak_" + secrets.token_urlsafe(32)}
     bogus_admin = {"authorization": "Bearer " + secrets.token_urlsafe(32)}
     phases = []
-    with tempfile.TemporaryDirectory(prefix="abl-abuse-") as tmp, Stack(Path(tmp)) as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix="abl-abuse-") as tmp,
+        Stack(Path(tmp), env={"ABL_WORKER_MODELS": TEST_MODEL_ID}) as stack,
+    ):
         if "bogus-key" in names:
             phases.append(
                 run_phase(stack, "bogus API key", "/v1/messages", bogus_key, body, uploads)

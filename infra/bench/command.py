@@ -1,11 +1,13 @@
 """The `abl bench` subcommand: its options, and the run from parsed arguments to saved JSON."""
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from contract.catalog import DEFAULT_MODEL_ID, TEST_MODEL_ID
 from infra.bench.report import print_report, save
 from infra.bench.runner import BenchConfig, run_bench
 
@@ -57,6 +59,15 @@ def register_bench(subparsers: Any) -> None:
     )
     bench.add_argument("--model-path", type=Path, help="with --url: the model, for baselines")
     bench.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
+    bench.add_argument(
+        "--model", default=TEST_MODEL_ID, help="the model measured (default: the test model)"
+    )
+    bench.add_argument(
+        "--default-model-tokens",
+        type=int,
+        default=32,
+        help="max_tokens of the throughput run on the default model beside it (0: no such run)",
+    )
     bench.set_defaults(func=cmd_bench)
 
 
@@ -78,10 +89,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         worker_pids=args.worker_pid,
         model_path=args.model_path,
+        model=args.model,
     )
     console = Console()
     result = run_bench(config)
     print_report(result, console)
+    # Beside the platform's overhead, what the default model serves on its own stack.
+    beside_it = config.throughput and not config.url and config.model != DEFAULT_MODEL_ID
+    if args.default_model_tokens and beside_it:
+        beside = replace(
+            config, model=DEFAULT_MODEL_ID, max_tokens=args.default_model_tokens, cancel=False
+        )
+        result["default_model"] = run_bench(beside)
+        console.print(f"[bold]{DEFAULT_MODEL_ID}[/bold] (the default model), beside it:")
+        print_report(result["default_model"], console)
     path = save(result, args.output_dir)
     console.print(f"saved {path} and {args.output_dir / 'latest.json'}")
     return 0

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from contract.catalog import TEST_MODEL_ID
 from infra.bench.load import Target, client_for, message_body, run_async, stream_once
 from infra.bench.stats import RequestRecord, percentile
 from infra.launcher.stack import Stack
@@ -83,10 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--b-requests", type=int, default=20)
     parser.add_argument("--b-tokens", type=int, default=16)
     parser.add_argument("--probe-delay", type=float, default=1.5)
-    parser.add_argument("--model", default=os.environ.get("ABL_BENCH_MODEL", "abliterated-model"))
+    parser.add_argument("--model", default=os.environ.get("ABL_BENCH_MODEL", TEST_MODEL_ID))
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="abl-fairness-") as tmp, Stack(Path(tmp)) as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix="abl-fairness-") as tmp,
+        Stack(Path(tmp), env={"ABL_WORKER_MODELS": args.model}) as stack,
+    ):
         flood = Target(stack.base_url, new_key(stack.base_url, stack.admin_token, "flood"))
         probe = Target(stack.base_url, new_key(stack.base_url, stack.admin_token, "probe"))
         body = message_body(args.model, "Say hello.", args.b_tokens)

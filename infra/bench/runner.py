@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from contract.catalog import DEFAULT_MODEL_ID
+from contract.catalog import TEST_MODEL_ID
 from infra.bench.cancel import measure_cancel
 from infra.bench.load import Target, message_body, run_async, run_clients
 from infra.bench.observe import RssSampler, engine_stats, heartbeats, rss_mb
 from infra.bench.stats import RequestRecord, spread, summarize
 from infra.launcher.stack import Stack
+from workers.models.fetch import MACHINE_CACHE_DIR
 
 if TYPE_CHECKING:  # it imports torch: loaded only when the baselines run
     from infra.bench.baselines import Baselines
@@ -46,7 +47,8 @@ class BenchConfig:
     redis_url: str | None = None
     worker_pids: list[int] = field(default_factory=list)
     model_path: Path | None = None
-    model: str = DEFAULT_MODEL_ID
+    # The test model: what the platform itself costs, with a model that costs little.
+    model: str = TEST_MODEL_ID
     prompt: str = PROMPT
 
 
@@ -81,14 +83,22 @@ def platform(config: BenchConfig) -> Iterator[Running]:
         with tempfile.TemporaryDirectory(prefix="abl-bench-model-") as tmp:
             model_path = config.model_path
             if model_path is None:
+                if config.model != TEST_MODEL_ID:
+                    raise SystemExit(f"--url with --model {config.model} needs --model-path")
                 from workers.models.tiny import build_tiny_model
 
                 # The build is reproducible: byte-identical to the model the platform serves.
-                model_path = build_tiny_model(Path(tmp) / DEFAULT_MODEL_ID)
+                model_path = build_tiny_model(Path(tmp) / TEST_MODEL_ID)
             yield Running(target, list(config.worker_pids), model_path)
         return
     # A fast heartbeat: the cancellation phase reads the workers' recent cancels from it.
-    env = {"ABL_HEARTBEAT_S": "0.2", "ABL_MAX_BATCH": str(MAX_BATCH)}
+    env = {
+        "ABL_HEARTBEAT_S": "0.2",
+        "ABL_MAX_BATCH": str(MAX_BATCH),
+        "ABL_WORKER_MODELS": config.model,
+        # One conversion of the default model per machine, not one per run.
+        "ABL_MODEL_CACHE_DIR": os.environ.get("ABL_MODEL_CACHE_DIR", str(MACHINE_CACHE_DIR)),
+    }
     if config.worker_threads:
         env["ABL_TORCH_THREADS"] = str(config.worker_threads)
     with tempfile.TemporaryDirectory(prefix="abl-bench-") as tmp:
@@ -98,7 +108,7 @@ def platform(config: BenchConfig) -> Iterator[Running]:
             key = _bench_key(stack.base_url, stack.admin_token)
             target = Target(stack.base_url, key, stack.admin_token, stack.redis_url)
             pids = [w.pid for w in stack.workers if w.pid is not None]
-            yield Running(target, pids, stack.model_dir, stack)
+            yield Running(target, pids, stack.model_path(config.model), stack)
 
 
 # Each phase sends at least this many requests (clients x requests per client).

@@ -24,12 +24,13 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 
+from contract.catalog import TEST_MODEL_ID
 from db.models import Account, Request
 from db.reconcile import reconcile
 from db.session import get_sessionmaker
 from infra.launcher.stack import Stack
 
-MODEL = "abliterated-model"
+MODEL = TEST_MODEL_ID
 console = Console()
 
 
@@ -182,7 +183,9 @@ def report(tally: Tally, books: dict[str, object], seconds: float, out: Path) ->
 
 def run(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="abl-soak-"))
-    with Stack(data_dir, workers=args.workers, env={"ABL_WORKER_LEASE_S": "5"}) as stack:
+    with Stack(
+        data_dir, workers=args.workers, env={"ABL_WORKER_LEASE_S": "5", "ABL_WORKER_MODELS": MODEL}
+    ) as stack:
         admin = httpx.Client(
             base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.admin_token}"}
         )

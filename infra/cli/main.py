@@ -92,7 +92,7 @@ def curl_example(base_url: str, api_key: str) -> str:
     body = {
         "model": DEFAULT_MODEL_ID,
         "max_tokens": 64,
-        "messages": [{"role": "user", "content": "Hello, world!"}],
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
     }
     return (
         f"curl -X POST {base_url}/v1/messages "

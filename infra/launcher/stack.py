@@ -27,6 +27,7 @@ from infra.launcher.services import (
     free_port,
     log_tail,
 )
+from workers.settings import WorkerSettings
 
 API_NAME = "api"
 # The API's credentials: only the API process gets them, never a worker or the model build,
@@ -325,8 +326,9 @@ class Stack:
         env.update(self.extra_env)
         env["ABL_ADMIN_TOKEN"] = self.admin_token
         # Ready once the models the workers serve are served (not every catalogue model).
-        if env.get("ABL_WORKER_MODELS") and not env.get("ABL_READY_MODELS"):
-            env["ABL_READY_MODELS"] = env["ABL_WORKER_MODELS"]
+        if not env.get("ABL_READY_MODELS"):
+            served = WorkerSettings.model_fields["worker_models"].default
+            env["ABL_READY_MODELS"] = env.get("ABL_WORKER_MODELS") or served
         return env
 
     def env_for_children(self) -> dict[str, str]:

@@ -3,6 +3,7 @@
 import anthropic
 import pytest
 
+from contract.catalog import DEFAULT_MODEL_ID
 from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory
 from tests.support import STACK_MODEL
@@ -76,7 +77,8 @@ def test_count_tokens_matches_usage(client: anthropic.Anthropic) -> None:
 
 def test_models_list_and_retrieve(client: anthropic.Anthropic) -> None:
     models = list(client.models.list())
-    assert [m.id for m in models] == [MODEL]
+    # The catalogue always holds the default model and the test model, newest first.
+    assert [m.id for m in models] == [DEFAULT_MODEL_ID, MODEL]
     model = client.models.retrieve(MODEL)
     assert model.id == MODEL and model.type == "model" and model.display_name
 

@@ -48,6 +48,7 @@ QUEUE_TIMEOUT_S = 8
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env = {
+        "ABL_WORKER_MODELS": STACK_MODEL,
         "ABL_WORKER_LEASE_S": "3",
         "ABL_HEARTBEAT_S": "1",
         "ABL_QUEUE_TIMEOUT_S": str(QUEUE_TIMEOUT_S),

@@ -60,6 +60,7 @@ def hosts() -> Iterator[VirtualHosts]:
 @pytest.fixture(scope="module")
 def cluster(hosts: VirtualHosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env = {
+        "ABL_WORKER_MODELS": STACK_MODEL,
         "ABL_MAX_BATCH": str(MAX_BATCH),
         "ABL_WORKER_LEASE_S": str(LEASE_S),
         "ABL_HEARTBEAT_S": "1",

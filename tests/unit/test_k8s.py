@@ -79,7 +79,8 @@ def test_every_manifest_is_listed_and_every_kind_is_there(
         assert kinds[kind] == 1, kind
     assert kinds["NetworkPolicy"] == 2
     assert kinds["StatefulSet"] == 2 and kinds["Service"] == 3
-    assert kinds["Deployment"] == 3  # the API, and the default model's GPU and CPU workers
+    # The API, the default model's GPU and CPU workers, the test model's CPU workers.
+    assert kinds["Deployment"] == 4
     for doc in docs:
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]["name"]
@@ -206,7 +207,17 @@ def test_a_worker_deployment_per_model_with_gpu_and_cpu_variants(docs: list[Doc]
         grace = float(env.get("ABL_SHUTDOWN_GRACE_S", 30))
         assert pod_spec(worker)["terminationGracePeriodSeconds"] > grace
         variants[labels["abl.dev/model"], accelerator] += 1
-    assert variants == {("abliterated-model", "gpu"): 1, ("abliterated-model", "cpu"): 1}
+    assert variants == {
+        ("abliterated-model", "gpu"): 1,
+        ("abliterated-model", "cpu"): 1,
+        ("abl-tiny", "cpu"): 1,
+    }
+    # Each waits for its own model's folder, made by the migrate Job.
+    for worker in workers(docs):
+        (wait,) = pod_spec(worker)["initContainers"]
+        model = worker["spec"]["template"]["metadata"]["labels"]["abl.dev/model"]
+        assert wait["command"][:4] == ["python", "-m", "workers.models.prepare", "--wait"]
+        assert wait["command"][-1] == model
 
 
 def test_migrate_job(docs: list[Doc]) -> None:
