@@ -110,7 +110,8 @@ def test_a_budget_too_small_for_the_schema_fails_before_running(
     tool = Constraint("tool_call", tools=TOOLS, name="create_event")
     result = collect(engine.submit(Submission("tiny", ids, hot(4), constraint=tool)))
     assert isinstance(result.final, Failed)
-    assert "constraint" in result.final.message and "budget" in result.final.message
+    assert result.final.error_type == "invalid_request_error"
+    assert result.final.message.startswith("max_tokens 4 is too small for the required output")
     assert result.ids == []
 
 
