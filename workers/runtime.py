@@ -435,7 +435,7 @@ class WorkerRuntime:
         self, job: GenerateJob, spec: ModelSpec, publisher: Publisher, final: Finished | Failed
     ) -> None:
         input_tokens = len(job.input_ids)
-        error_type: ErrorType = API_ERROR
+        error_type: ErrorType = final.error_type if isinstance(final, Failed) else API_ERROR
         if isinstance(final, Finished) and final.cancelled and job.request_id in self._aborting:
             final = Failed(message="the worker stopped the request (shutdown or lost Redis)")
             error_type = OVERLOADED

@@ -50,6 +50,9 @@ def register_bench(subparsers: Any) -> None:
     mode.add_argument("--no-cancel", action="store_true", help="skip the cancellation phase")
     bench.add_argument("--cancel-streams", type=int, default=16)
     bench.add_argument("--cancel-rounds", type=int, default=2)
+    bench.add_argument(
+        "--no-tools", action="store_true", help="skip the forced-tool-call phase (vs plain)"
+    )
     bench.add_argument("--url", help="bench a running platform instead of starting one")
     bench.add_argument("--api-key", help="with --url: the key to send")
     bench.add_argument("--admin-token", help="with --url: to read request rows (orphans)")
@@ -80,6 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         workers=args.workers,
         worker_threads=args.worker_threads,
         throughput=not args.cancel,
+        tools=not args.no_tools,
         cancel=not args.no_cancel,
         cancel_streams=args.cancel_streams,
         cancel_rounds=args.cancel_rounds,

@@ -86,7 +86,9 @@ async def stream_once(
                     continue
                 if event == "content_block_delta":
                     now = time.perf_counter()
-                    text = json.loads(line[6:])["delta"].get("text", "")
+                    delta = json.loads(line[6:])["delta"]
+                    # Text, or a tool call's arguments (input_json_delta).
+                    text = delta.get("text") or delta.get("partial_json") or ""
                     if not text:
                         continue
                     if record.ttft is None:

@@ -14,6 +14,7 @@ MIN_VS_ENGINE = 0.8
 MAX_TTFT_OVERHEAD_MS = 15.0
 MAX_CLAIM_WAIT_MS = 2.0
 MAX_WORKER_RSS_MB = 1024.0
+MIN_FORCED_TOOL_VS_PLAIN = 0.7
 
 
 def save(result: dict[str, Any], output_dir: Path) -> Path:
@@ -72,6 +73,29 @@ def phase_table(run: dict[str, Any], title: str) -> Table:
                 f"{_fmt(s['e2e_ms_p50'])} / {_fmt(s['e2e_ms_p99'])}",
                 _fmt(s["failed"]),
             )
+    tools: dict[str, Any] = run.get("tools") or {}
+    c, tokens = tools.get("concurrency"), tools.get("max_tokens")
+    labels = {
+        "forced_tool": f"forced tool call, c={c}, max {tokens}",
+        "plain_same_prompt": f"same without grammar, c={c}, max {tools.get('matched_max_tokens')}",
+        "plain_no_tools": f"plain, no tools, c={c}, max {tokens}",
+    }
+    for name in labels if tools else ():
+        s = tools[name]
+        label = labels[name]
+        if name == "forced_tool":
+            label += f" ({s['valid_calls']} valid)"
+        table.add_row(
+            label,
+            _fmt(s["output_tokens_per_s"]),
+            _fmt(s["requests_per_s"]),
+            _fmt(s.get("status_ms_p50")),
+            f"{_fmt(s['ttft_ms_p50'])} / {_fmt(s['ttft_ms_p99'])}",
+            f"{_fmt(s['itl_ms_p50'])} / {_fmt(s['itl_ms_p99'])}",
+            _fmt(s["tpot_ms_p50"]),
+            f"{_fmt(s['e2e_ms_p50'])} / {_fmt(s['e2e_ms_p99'])}",
+            _fmt(s["failed"]),
+        )
     return table
 
 
@@ -107,6 +131,15 @@ def targets_table(throughput: dict[str, Any]) -> Table:
             lambda v: v <= MAX_CLAIM_WAIT_MS,
         ),
     ]
+    if ratios.get("forced_tool_vs_plain", {}).get("median") is not None:
+        rows.append(
+            (
+                f"forced tool calls / plain tok/s, c={high}",
+                ratios["forced_tool_vs_plain"],
+                f">= {MIN_FORCED_TOOL_VS_PLAIN}",
+                lambda v: v >= MIN_FORCED_TOOL_VS_PLAIN,
+            )
+        )
     table = Table(title=f"targets ({len(runs)} repeat(s): median [min, max])")
     for name in ("figure", "measured", "target", "met (median)"):
         table.add_column(name)

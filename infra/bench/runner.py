@@ -17,6 +17,7 @@ from infra.bench.cancel import measure_cancel
 from infra.bench.load import Target, message_body, run_async, run_clients
 from infra.bench.observe import RssSampler, engine_stats, heartbeats, rss_mb
 from infra.bench.stats import RequestRecord, spread, summarize
+from infra.bench.tools import tool_phase
 from infra.launcher.stack import Stack
 from workers.models.fetch import MACHINE_CACHE_DIR
 
@@ -38,6 +39,7 @@ class BenchConfig:
     workers: int = 1
     worker_threads: int | None = None  # torch threads per worker (ABL_TORCH_THREADS)
     throughput: bool = True
+    tools: bool = True  # the forced-tool-call phase (infra/bench/tools.py)
     cancel: bool = True
     cancel_streams: int = 16
     cancel_rounds: int = 2
@@ -153,6 +155,19 @@ def _one_repeat(
         )
         out["levels"][str(c)] = level
     out["ratios"] = ratios(out, config.concurrency)
+    if config.tools:
+        c = max(config.concurrency)
+        task = progress.add_task(f"forced tool calls vs plain, concurrency {c}", total=3 * c * rpc)
+        out["tools"] = tool_phase(
+            running.target,
+            config.model,
+            config.prompt,
+            c,
+            rpc,
+            max_tokens,
+            partial(progress.advance, task),
+        )
+        out["ratios"]["forced_tool_vs_plain"] = out["tools"]["forced_vs_plain"]
     out["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     return out
 
@@ -201,10 +216,11 @@ def _throughput(config: BenchConfig, running: Running, progress: Progress) -> di
         "platform_vs_engine",
         "ttft_p50_platform_minus_engine_ms",
         "claim_wait_ttft_cost_ms",
+        "forced_tool_vs_plain",
     )
     return {
         "runs": runs,
-        "ratios": {k: spread([r["ratios"][k] for r in runs]) for k in keys},
+        "ratios": {k: spread([r["ratios"].get(k) for r in runs]) for k in keys},
         "worker_rss_mb_peak": {str(pid): round(mb, 1) for pid, mb in rss.peak_mb.items()},
         "bench_process_rss_mb": round(baseline_rss, 1) if baseline_rss else None,
     }

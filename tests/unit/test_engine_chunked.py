@@ -3,13 +3,16 @@
 The engine is stepped by hand (no stepping thread), so what each step does is exact.
 """
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import pytest
 
+from contract.jobs import SamplingParams
 from tests.unit.test_engine import collect, greedy, prompt_ids
-from workers.backends.seam import Finished, Submission, TextChunk
+from workers.backends.seam import Constraint, Finished, Submission, TextChunk
 from workers.backends.transformers.engine import TransformersEngine
 
 CHUNK = 32
@@ -90,3 +93,25 @@ def test_a_cancel_during_a_chunked_prefill_frees_it(engine: TransformersEngine) 
     final = long.drain()[-1]
     assert isinstance(final, Finished) and final.cancelled
     assert engine.stats.active == 0 and long.token_ids == []
+
+
+def test_a_constrained_long_prompt_is_masked_from_its_first_token(
+    engine: TransformersEngine,
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 9}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    params = SamplingParams(max_tokens=40, temperature=1.0)
+    generation = engine.submit(
+        Submission("json", long_prompt(engine), params, constraint=Constraint("json", schema))
+    )
+    while engine.stats.active or engine.stats.waiting:
+        step(engine)
+    events = generation.drain()
+    final = events[-1]
+    assert isinstance(final, Finished) and final.stop_reason == "end_turn"
+    text = "".join(e.text for e in events if isinstance(e, TextChunk))
+    jsonschema.validate(json.loads(text), schema)

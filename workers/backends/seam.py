@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from contract.errors import API_ERROR, ErrorType
 from contract.jobs import SamplingParams
 
 # "tool_use" is never an engine's: the worker's shaping sets it when the answer called a tool.
@@ -44,6 +45,9 @@ class Failed:
     """The request could not run; always its last event."""
 
     message: str
+    # What the client is told: the platform failed (api_error), or the request cannot be run
+    # as sent (invalid_request_error: a 400, e.g. max_tokens too small for a forced call).
+    error_type: ErrorType = API_ERROR
 
 
 EngineEvent = TextChunk | Finished | Failed

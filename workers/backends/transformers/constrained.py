@@ -31,9 +31,9 @@ from workers.constraints.grammars import (
     tool_call_grammar,
 )
 from workers.constraints.matcher import BatchMasks, GrammarCache, Matcher, TokenizerInfo
-from workers.constraints.schema_grammar import GrammarError
+from workers.constraints.schema_grammar import BudgetTooSmall, GrammarError
 
-__all__ = ["GrammarError", "Matcher", "RowGrammars", "grammar_spec"]
+__all__ = ["BudgetTooSmall", "GrammarError", "Matcher", "RowGrammars", "grammar_spec"]
 
 # Lark grammars kept by (constraint, byte budget); the compiled matchers have their own cache.
 SPEC_CACHE_SIZE = 256

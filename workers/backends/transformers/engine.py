@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from contract.errors import INVALID_REQUEST
 from contract.jobs import SamplingParams
 from contract.rendering import PromptRenderer
 from workers.backends.seam import (
@@ -33,7 +34,13 @@ from workers.backends.seam import (
     TextChunk,
 )
 from workers.backends.textstream import IncrementalDecoder, StopMatcher
-from workers.backends.transformers.constrained import GrammarError, Matcher, RowGrammars, accept
+from workers.backends.transformers.constrained import (
+    BudgetTooSmall,
+    GrammarError,
+    Matcher,
+    RowGrammars,
+    accept,
+)
 from workers.backends.transformers.kv_batch import KV, BatchCache, kv_bytes_per_token, layers_of
 from workers.backends.transformers.sampling import make_generator, sample_next
 
@@ -200,7 +207,8 @@ class TransformersEngine:
             params=sampling,
             generator=make_generator(sampling, self.device),
             decoder=IncrementalDecoder(self.renderer.decode),
-            stopper=StopMatcher(sampling.stop_sequences),
+            # Constrained output is never cut by a stop sequence (docs/request-fields.md).
+            stopper=StopMatcher([] if submission.constraint else sampling.stop_sequences),
             reserve=min(len(submission.input_ids) + sampling.max_tokens, self.max_context),
             owner=submission.owner or request_id,
         )
@@ -210,7 +218,11 @@ class TransformersEngine:
                 budget = min(sampling.max_tokens, self.max_context - len(seq.prompt))
                 seq.matcher = self.grammars.matcher(submission.constraint, budget)
             except GrammarError as exc:
-                problem = f"the output constraint cannot be enforced: {exc}"
+                why = f"max_tokens {sampling.max_tokens} is too small for the required output"
+                if not isinstance(exc, BudgetTooSmall):
+                    why = "the output constraint cannot be enforced"
+                generation._put(Failed(f"{why}: {exc}", INVALID_REQUEST))
+                return generation
         if problem is not None:
             generation._put(Failed(problem))
             return generation
