@@ -11,6 +11,7 @@ from contract.jobs import SamplingParams
 from workers.backends.seam import Failed, Finished, Generation, Submission, TextChunk
 from workers.backends.transformers.engine import TransformersEngine
 from workers.backends.transformers.kv_batch import BatchCache
+from workers.models.tiny import CONTEXT_WINDOW
 
 PROMPTS = [
     "Hello there, how are you?",
@@ -213,7 +214,7 @@ def test_top_k_1_equals_greedy(engine: TransformersEngine) -> None:
 
 @pytest.mark.parametrize(
     ("ids", "message"),
-    [([], "empty"), ([1] * 5000, "context window"), ([1, 99_999], "vocabulary")],
+    [([], "empty"), ([1] * (CONTEXT_WINDOW + 1), "context window"), ([1, 99_999], "vocabulary")],
 )
 def test_bad_prompts_fail_without_running(
     engine: TransformersEngine, ids: list[int], message: str

@@ -28,16 +28,16 @@ def step(engine: TransformersEngine) -> None:
 
 
 @pytest.fixture(scope="module")
-def engine(default_model_dir: Path) -> Iterator[TransformersEngine]:
-    engine = TransformersEngine(default_model_dir, max_batch=4, prefill_chunk_tokens=CHUNK)
+def engine(tiny_model_dir: Path) -> Iterator[TransformersEngine]:
+    engine = TransformersEngine(tiny_model_dir, max_batch=4, prefill_chunk_tokens=CHUNK)
     yield engine
     engine.stop()
 
 
 @pytest.fixture(scope="module")
-def whole(default_model_dir: Path) -> Iterator[TransformersEngine]:
+def whole(tiny_model_dir: Path) -> Iterator[TransformersEngine]:
     """The same model prefilling every prompt in one forward."""
-    engine = TransformersEngine.load(default_model_dir, max_batch=4)
+    engine = TransformersEngine.load(tiny_model_dir, max_batch=4)
     yield engine
     engine.stop()
 

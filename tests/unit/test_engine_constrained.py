@@ -23,8 +23,8 @@ MAX_TOKENS = 200
 
 
 @pytest.fixture(scope="module")
-def engine(default_model_dir: Path) -> Iterator[TransformersEngine]:
-    engine = TransformersEngine.load(default_model_dir, max_batch=12)
+def engine(tiny_model_dir: Path) -> Iterator[TransformersEngine]:
+    engine = TransformersEngine.load(tiny_model_dir, max_batch=12)
     yield engine
     engine.stop()
 
@@ -114,8 +114,8 @@ def test_a_budget_too_small_for_the_schema_fails_before_running(
     assert result.ids == []
 
 
-def test_unconstrained_batches_never_build_grammar_state(default_model_dir: Path) -> None:
-    engine = TransformersEngine.load(default_model_dir, max_batch=4)
+def test_unconstrained_batches_never_build_grammar_state(tiny_model_dir: Path) -> None:
+    engine = TransformersEngine.load(tiny_model_dir, max_batch=4)
     try:
         ids = prompt_ids(engine, "Hello")
         for i in range(3):
