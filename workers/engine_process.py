@@ -116,6 +116,8 @@ class EngineProcess:
             argv += ["--threads", str(self.options.num_threads)]
         if self.options.kv_budget_bytes is not None:
             argv += ["--kv-budget-bytes", str(self.options.kv_budget_bytes)]
+        if self.options.background_reserve is not None:
+            argv += ["--background-reserve", str(self.options.background_reserve)]
         if self.build_default:
             argv.append("--build-default")
         self._proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),))
@@ -302,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--build-default", action="store_true")
     parser.add_argument("--kv-budget-bytes", type=int, default=None)
+    parser.add_argument("--background-reserve", type=int, default=None)
     args = parser.parse_args(argv)
     # The worker stops this process when its own shutdown grace is over.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -313,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
 
         build_default_model(args.model_path)
     options = BackendOptions(
-        max_batch=args.max_batch, num_threads=args.threads, kv_budget_bytes=args.kv_budget_bytes
+        max_batch=args.max_batch,
+        num_threads=args.threads,
+        kv_budget_bytes=args.kv_budget_bytes,
+        background_reserve=args.background_reserve,
     )
     serve(conn, args.backend, args.model_path, options)
     return 0

@@ -121,6 +121,9 @@ class Submission:
     sampling: SamplingParams
     # Whose request it is (the account): backends share their batch fairly between owners.
     owner: str | None = None
+    # A Message Batch request: taken only when no other request waits, and never into the
+    # last `BackendOptions.background_reserve` rows of the batch.
+    background: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,14 @@ class BackendOptions:
     max_batch: int = 16  # sequences decoded together at most
     num_threads: int | None = None  # CPU threads; None: the backend decides
     kv_budget_bytes: int | None = None  # memory for keys and values; None: the backend's default
+    # Rows of the batch background (Message Batch) requests never take, kept for interactive
+    # ones (ABL_BATCH_RESERVE); None: a quarter of max_batch, at least one.
+    background_reserve: int | None = None
+
+    def reserve_rows(self) -> int:
+        if self.background_reserve is not None:
+            return min(self.background_reserve, self.max_batch - 1)
+        return max(1, self.max_batch // 4) if self.max_batch > 1 else 0
 
 
 class Backend(Protocol):

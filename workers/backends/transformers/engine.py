@@ -58,6 +58,7 @@ class _Sequence:
     # KV positions it may come to hold: prompt + max_tokens, within the context window.
     reserve: int
     owner: str  # whose request (its account): admission is fair between owners
+    background: bool = False  # a Message Batch request: after every other, never the reserve
 
 
 class _Batch:
@@ -94,11 +95,14 @@ class TransformersEngine:
         max_context: int | None = None,
         num_threads: int | None = None,
         kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
+        background_reserve: int = 0,
     ) -> None:
         self.model_path = Path(model_path)
         self.max_batch = max_batch
         # Rows a full batch may still take for owners with nothing running.
         self.hard_max_batch = max_batch + max(1, max_batch // 4)
+        # Rows background requests leave free for interactive ones.
+        self.background_rows = max(1, max_batch - background_reserve)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":
             # torch defaults to every physical core; a container may be allowed fewer. One core
@@ -187,6 +191,7 @@ class TransformersEngine:
             stopper=StopMatcher(sampling.stop_sequences),
             reserve=min(len(submission.input_ids) + sampling.max_tokens, self.max_context),
             owner=submission.owner or request_id,
+            background=submission.background,
         )
         problem = self._check_prompt(seq.prompt)
         if problem is not None:
@@ -295,7 +300,10 @@ class TransformersEngine:
         width = max((s.reserve for s in self._batch.seqs), default=0)
         running = Counter(s.owner for s in self._batch.seqs)
         while self._waiting:
-            seq = min(self._waiting, key=lambda s: running[s.owner])  # first of the least served
+            # Interactive first; of those, the first of the least served owner.
+            seq = min(self._waiting, key=lambda s: (s.background, running[s.owner]))
+            if seq.background and rows >= self.background_rows:
+                break
             # A full batch still takes a request whose owner has nothing running, up to
             # `fair_extra` rows more: another account's first request does not wait for a
             # flooding account's to end (docs/architecture.md, "Queueing").
