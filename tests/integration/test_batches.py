@@ -1,18 +1,22 @@
 """Message Batches through the official SDK's `client.messages.batches`, on the real stack."""
 
 import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import anthropic
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.models import BatchRequest, Request
+from api.anthropic.batches import new_batch_id
+from db.batches import NewItem, create_batch
+from db.models import BatchRequest, MessageBatch, Request
 from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory, ApiAccount
 from tests.integration.test_money import assert_books_straight
+from tests.support import wait_for
 
 MODEL = "abliterated-model"
 
@@ -86,6 +90,14 @@ def test_create_run_results_list_delete(
         assert row.cost_usd == full / 2
     listed = client.messages.batches.list(limit=10)
     assert created.id in [b.id for b in listed.data]
+    # Usage by batch: the batch's requests in one row, apart from interactive ones.
+    client.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "x"}])
+    report = admin.get(
+        "/admin/usage", params={"group_by": "batch", "account_id": account.id}
+    ).json()
+    by_batch = {row["batch_id"]: row for row in report["data"]}
+    assert by_batch[created.id]["requests"] == 6 and by_batch[None]["requests"] == 1
+    assert Decimal(by_batch[created.id]["cost_usd"]) == sum(r.cost_usd for r in rows)
 
     deleted = client.messages.batches.delete(created.id)
     assert deleted.id == created.id and deleted.type == "message_batch_deleted"
@@ -176,3 +188,36 @@ def test_no_credit_ends_a_request_with_a_billing_error(
     assert line.result.type == "errored"
     assert line.result.error.error.type == "billing_error"  # type: ignore[union-attr]
     assert_books_straight(admin, poor.id)
+
+
+def test_expired_then_archived(
+    client: anthropic.Anthropic, account: ApiAccount, db: Session, admin: httpx.Client
+) -> None:
+    """Requests not run by the batch's expiry end `expired`; results are dropped once the
+    retention is over (both shortened here by writing the times the dispatcher reads)."""
+    batch_id = new_batch_id()
+    items = [NewItem(f"e{i}", MODEL, item(f"e{i}")["params"]) for i in range(3)]  # type: ignore[arg-type]
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    db.rollback()
+    create_batch(
+        db, batch_id=batch_id, account_id=account.id, api_key_id=None, items=items, expires_at=past
+    )
+    db.commit()
+    ended = wait_ended(client, batch_id)
+    assert ended.request_counts.expired == 3  # type: ignore[attr-defined]
+    results = list(client.messages.batches.results(batch_id))
+    assert {r.result.type for r in results} == {"expired"}
+    db.execute(
+        update(MessageBatch)
+        .where(MessageBatch.id == batch_id)
+        .values(ended_at=datetime.now(UTC) - timedelta(days=30))
+    )
+    db.commit()
+    archived = wait_for(
+        lambda: client.messages.batches.retrieve(batch_id).archived_at is not None, timeout=30
+    )
+    assert archived
+    batch = client.messages.batches.retrieve(batch_id)
+    assert batch.results_url is None and batch.request_counts.expired == 3
+    response = admin.get("/admin/reconcile")
+    assert response.json()["ok"]
