@@ -10,6 +10,7 @@ back to pending, up to a number of attempts (docs/batches.md). Functions take a 
 never commit.
 """
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -37,6 +38,10 @@ class NewItem:
     model: str | None
     params: dict[str, Any] | None
     error: dict[str, str] | None = None  # {"type", "message"}: ends `errored` on creation
+
+
+def _json(value: object) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
 @dataclass(frozen=True)
@@ -75,10 +80,10 @@ def create_batch(
                 "position": start + offset,
                 "custom_id": item.custom_id,
                 "model": item.model,
-                "params": item.params,
+                "params": _json(item.params),
                 "status": "errored" if item.error else "pending",
                 "attempts": 0,
-                "result": item.error,
+                "result": _json(item.error),
             }
             for offset, item in enumerate(items[start : start + INSERT_CHUNK])
         ]
@@ -210,7 +215,10 @@ def result_rows(
         .order_by(BatchRequest.position)
         .limit(limit)
     )
-    return [ResultRow(*row) for row in rows]
+    return [
+        ResultRow(p, c, s, json.loads(r) if r is not None else None, m, i)
+        for p, c, s, r, m, i in rows
+    ]
 
 
 # -- dispatch -------------------------------------------------------------------------------
@@ -267,7 +275,10 @@ def take_pending(session: Session, limit: int) -> list[PendingItem]:
         .limit(limit)
         .with_for_update(of=BatchRequest, skip_locked=True)
     )
-    return [PendingItem(*row) for row in rows]
+    return [
+        PendingItem(b, p, c, m, json.loads(params) if params is not None else None, a, k, n)
+        for b, p, c, m, params, a, k, n in rows
+    ]
 
 
 def mark_dispatched(session: Session, item: PendingItem, request_id: str) -> None:
@@ -284,7 +295,7 @@ def mark_errored(session: Session, item: PendingItem, error_type: str, message: 
         .where(BatchRequest.batch_id == item.batch_id, BatchRequest.position == item.position)
         .values(
             status="errored",
-            result={"type": error_type, "message": message},
+            result=_json({"type": error_type, "message": message}),
             ended_at=func.now(),
         )
     )
@@ -298,7 +309,7 @@ _END_ITEM = text(
     UPDATE batch_request r
     SET status = CASE WHEN CAST(:succeeded AS boolean) THEN 'succeeded'
                       WHEN b.expires_at <= now() THEN 'expired' ELSE 'canceled' END,
-        result = CAST(:result AS jsonb), ended_at = now()
+        result = :result, ended_at = now()
     FROM message_batch b
     WHERE r.request_id = :request_id AND r.status = 'dispatched' AND b.id = r.batch_id
     """
@@ -380,7 +391,7 @@ def retry_orphans(session: Session, max_attempts: int, limit: int = 500) -> list
             message = f"the request failed {attempts} times; the last: {orphan.error}"
             values = {
                 "status": "errored",
-                "result": {"type": "api_error", "message": message},
+                "result": _json({"type": "api_error", "message": message}),
                 "ended_at": func.now(),
                 "attempts": attempts,
             }

@@ -304,15 +304,15 @@ class BatchRequest(Base):
     custom_id: Mapped[str] = mapped_column(String(64), nullable=False)
     # The params' model as the client wrote it (dispatch goes model by model); NULL: none.
     model: Mapped[str | None] = mapped_column(String(256))
-    # The Messages request as sent; NULL once archived.
-    params: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # The Messages request as sent (JSON text: jsonb refuses \u0000); NULL once archived.
+    params: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), nullable=False)
     # The request (row of `request`) of the current or last attempt.
     request_id: Mapped[str | None] = mapped_column(String(40))
     # Attempts whose worker died (or that failed on the platform's side) before this one.
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    # succeeded: the worker's events of the answer (api/anthropic/batch_results.py builds the
-    # Message); errored: {"type", "message"}; NULL otherwise, and once archived.
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # JSON text. succeeded: the worker's events of the answer (api/anthropic/batches.py
+    # builds the Message); errored: {"type", "message"}; NULL otherwise, and once archived.
+    result: Mapped[str | None] = mapped_column(Text)
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from api.anthropic.batch_create import parse_batch
+from api.anthropic.batch_create import CUSTOM_ID, parse_batch
 from api.anthropic.batch_protocol import (
     DeletedMessageBatch,
     MessageBatch,
@@ -69,7 +69,37 @@ def _one(platform: Platform, account_id: str, batch_id: str) -> tuple[BatchRow, 
         return row, db.counts(session, [row.id])[row.id]
 
 
-@router.post("/v1/messages/batches")
+# The create body, for the OpenAPI document: parsed by hand (batch_create.py), not by FastAPI.
+CREATE_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["requests"],
+                "additionalProperties": False,
+                "properties": {
+                    "requests": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["custom_id", "params"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "custom_id": {"type": "string", "pattern": CUSTOM_ID.pattern},
+                                "params": {"$ref": "#/components/schemas/MessagesRequest"},
+                            },
+                        },
+                    }
+                },
+            }
+        }
+    },
+}
+
+
+@router.post("/v1/messages/batches", openapi_extra={"requestBody": CREATE_BODY})
 async def create_batch(
     principal: PrincipalDep, platform: PlatformDep, request: Request
 ) -> MessageBatch:

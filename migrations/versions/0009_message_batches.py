@@ -2,9 +2,11 @@
 
 `message_batch`: one row per Message Batch (Anthropic's batch API); `batch_request`: one row per
 request in it, its params kept until the batch is archived, its outcome written in the same
-transaction as the settlement of the request that ran it (db/batches.py). `request.batch_id`
-says which batch a request ran for (NULL: interactive); no foreign key, so usage by batch
-survives the batch's deletion. The application's role may delete batches (DELETE endpoint).
+transaction as the settlement of the request that ran it (db/batches.py). Params and results
+are JSON text, not jsonb: a client's JSON may hold a NUL character (\u0000), which jsonb
+refuses. `request.batch_id` says which batch a request ran for (NULL: interactive); no foreign
+key, so usage by batch survives the batch's deletion. The application's role may delete
+batches (DELETE endpoint).
 
 Revision ID: 0009
 Revises: 0008
@@ -16,7 +18,6 @@ from datetime import datetime
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import postgresql
 
 revision: str = "0009"
 down_revision: str | None = "0008"
@@ -74,11 +75,11 @@ def upgrade() -> None:
         sa.Column("position", sa.Integer(), nullable=False),
         sa.Column("custom_id", sa.String(length=64), nullable=False),
         sa.Column("model", sa.String(length=256), nullable=True),
-        sa.Column("params", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+        sa.Column("params", sa.Text(), nullable=True),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("request_id", sa.String(length=40), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("result", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+        sa.Column("result", sa.Text(), nullable=True),
         _at("dispatched_at"),
         _at("ended_at"),
         sa.CheckConstraint(

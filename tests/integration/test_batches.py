@@ -221,3 +221,13 @@ def test_expired_then_archived(
     assert batch.results_url is None and batch.request_counts.expired == 3
     response = admin.get("/admin/reconcile")
     assert response.json()["ok"]
+
+
+def test_params_holding_nul_characters_are_stored(client: anthropic.Anthropic) -> None:
+    """jsonb refuses \\u0000; the params are kept as JSON text, so such a request still runs."""
+    odd = item("nul", "a\u0000b")
+    odd["params"]["\u0000"] = None  # type: ignore[index]
+    created = client.messages.batches.create(requests=[odd])  # type: ignore[list-item]
+    wait_ended(client, created.id)
+    (line,) = list(client.messages.batches.results(created.id))
+    assert line.custom_id == "nul" and line.result.type == "succeeded"
