@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install up test lint typecheck check fmt bench bench-usage bench-fairness bench-abuse \
+.PHONY: install up test lint typecheck check fmt bench bench-usage bench-fairness bench-batch bench-abuse \
 	soak fuzz k8s-secrets
 
 install: $(STAMP)
@@ -48,6 +48,11 @@ bench: $(STAMP)
 # machine's PostgreSQL, postgres@127.0.0.1:5432), 1M requests, 3M ledger rows; docs/billing.md.
 bench-usage: $(STAMP)
 	$(BIN)/python -m infra.bench.billing $(if $(ABL_BENCH_DATABASE_URL),--database-url $(ABL_BENCH_DATABASE_URL)) $(BENCH_USAGE_ARGS)
+
+# Message Batches: a 2,000-request batch against interactive c=16 throughput, interactive TTFT
+# beside it, a worker SIGKILLed mid-batch (infra/bench/batch.py, docs/batches.md).
+bench-batch: $(STAMP)
+	$(BIN)/python -m infra.bench.batch $(BENCH_BATCH_ARGS)
 
 # Account B's time to first token while account A floods 300 streams (infra/bench/fairness.py).
 bench-fairness: $(STAMP)

@@ -1,5 +1,6 @@
 """The API application: `uvicorn --factory api.main:create_app`."""
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,7 +13,9 @@ from api.admin import routes as admin_routes
 from api.admin import tokens as admin_tokens
 from api.admin import usage as admin_usage
 from api.admin.throttle import RedisAdminThrottle
+from api.anthropic import batches as anthropic_batches
 from api.anthropic import routes as anthropic_routes
+from api.anthropic.batch_dispatch import BatchDispatcher
 from api.errors import install_error_handlers
 from api.gate import CredentialGateMiddleware
 from api.middleware import BodyLimitMiddleware, JsonBodyMiddleware, RequestIdMiddleware
@@ -36,9 +39,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.admin_throttle = RedisAdminThrottle(platform.redis, settings)
         platform.watch_for_shutdown()
+        dispatcher = None
+        if settings.batch_dispatch:
+            dispatcher = asyncio.create_task(BatchDispatcher(platform).run())
         try:
             yield
         finally:
+            if dispatcher is not None:
+                platform.shutting_down.set()
+                await dispatcher
             await platform.close()
 
     app = FastAPI(title="Abliterated inference platform", version="0.1.0", lifespan=lifespan)
@@ -47,6 +56,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_openapi(app)
     app.include_router(anthropic_routes.router, dependencies=[Depends(check_anthropic_version)])
+    app.include_router(anthropic_batches.router, dependencies=[Depends(check_anthropic_version)])
     app.include_router(account.router)
     app.include_router(admin_routes.router)
     app.include_router(admin_tokens.router)

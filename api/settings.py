@@ -108,6 +108,25 @@ class ApiSettings(CoreSettings):
     # JSON values (array elements and object members) a body may hold: bounds the memory and
     # time that parsing and validating one body take (api/request_body.py, docs/security.md).
     max_json_values: int = Field(default=100_000, ge=1)
+    # Message Batches (docs/batches.md): the absolute base of `results_url`; unset: the URL the
+    # request came in on.
+    public_base_url: str | None = None
+    # Requests a Message Batch may hold.
+    batch_max_requests: int = Field(default=100_000, ge=1)
+    # JSON values a batch's creation body may hold (its bytes: ABL_MAX_BODY_BYTES).
+    batch_max_json_values: int = Field(default=4_000_000, ge=1)
+    # A batch's requests not ended this long after its creation end `expired`.
+    batch_expiry_s: float = Field(default=86_400.0, gt=0)
+    # An ended batch's results are kept this long, then it is archived.
+    batch_retention_s: float = Field(default=29 * 86_400.0, gt=0)
+    # This process dispatches batch requests to workers (any number of replicas may).
+    batch_dispatch: bool = True
+    # Seconds between the dispatcher's passes.
+    batch_dispatch_interval_s: float = Field(default=0.5, gt=0)
+    # Batch requests in flight per model at most, all replicas together.
+    batch_in_flight_per_model: int = Field(default=64, ge=1)
+    # Runs of a batch request whose worker died (or that failed on our side) before it errors.
+    batch_max_attempts: int = Field(default=3, ge=1)
     # Comma-separated models that each need a live worker for /readyz to answer 200;
     # empty: every model in the catalogue (api/health.py).
     ready_models: str = ""

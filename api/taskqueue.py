@@ -67,7 +67,15 @@ class TaskQueue:
 
     def __init__(self, app: Celery, client: aioredis.Redis) -> None:
         self._app = app
+        self._client = client
         self._push = client.register_script(PUSH_FAIR)
+
+    async def push_many(self, task_name: str, args: list[list[Any]], *, queue: str) -> None:
+        """Enqueues one task per `args` on `queue` as it is (no share, no cap: the batch
+        lane, whose dispatcher bounds what it holds), in one round trip."""
+        messages = [task_message(self._app, task_name, a, queue) for a in args]
+        if messages:
+            await self._client.lpush(queue, *messages)
 
     async def push(
         self,

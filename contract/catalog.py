@@ -52,6 +52,8 @@ class ModelSpec(BaseModel):
     # USD per million tokens.
     input_price_per_mtok: Decimal = Field(ge=0)
     output_price_per_mtok: Decimal = Field(ge=0)
+    # What a Message Batch item pays, as a fraction of these prices (0.5: half price).
+    batch_price_multiplier: Decimal = Field(default=Decimal("0.5"), gt=0, le=1)
     # Celery queue whose workers serve this model; unset: the id.
     queue: str = ""
     # The engine that serves it.

@@ -59,3 +59,7 @@ class GenerateJob(BaseModel):
     # Who sent it, for the worker's request log line only (never for decisions).
     account_id: str | None = None
     key_prefix: str | None = None
+    # The Message Batch this job runs a request of (None: interactive). Nobody streams it: the
+    # worker stores its answer with its settlement (db/batches.py), and the engine runs it
+    # only in room interactive requests leave (docs/batches.md).
+    batch_id: str | None = None

@@ -19,6 +19,13 @@ def interactive_lanes(queue: str, count: int) -> list[str]:
     return [queue] + [f"{queue}.lane{i}" for i in range(1, count)]
 
 
+def batch_lane(queue: str) -> str:
+    """The model's batch lane: Message Batch jobs, a few at a time (the API's dispatcher keeps
+    a bounded number in flight), consumed with a prefetch of their own so they never take the
+    room of interactive jobs (workers/dispatch.py, docs/batches.md)."""
+    return f"{queue}.batch"
+
+
 def lane_for(queue: str, account_id: str, count: int) -> str:
     """An account's lane: a stable hash, the same in every API process."""
     index = zlib.crc32(account_id.encode()) % count

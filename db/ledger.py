@@ -181,6 +181,8 @@ class NewRequest:
     credits_reserved: int
     # The prices in force now; settlement charges these, whoever settles it.
     prices: Prices
+    # The Message Batch it runs an item of (None: interactive).
+    batch_id: str | None = None
 
 
 # The request row, its reservation and the reservation's ledger row in one statement: the
@@ -198,10 +200,11 @@ _OPEN = text(
         INSERT INTO request (id, message_id, account_id, api_key_id, model, status, stream,
                              max_tokens, input_tokens, output_tokens, credits_reserved,
                              credits_charged, cost_usd, input_price_per_mtok,
-                             output_price_per_mtok, credit_price_usd)
+                             output_price_per_mtok, credit_price_usd, batch_multiplier,
+                             batch_id)
         SELECT :id, :message_id, :account_id, :api_key_id, :model, 'queued', :stream,
                :max_tokens, :input_tokens, 0, :n, 0, 0, :input_price, :output_price,
-               :credit_price
+               :credit_price, :batch_multiplier, :batch_id
         FROM held
         RETURNING id
     )
@@ -231,6 +234,8 @@ def open_request(session: Session | Connection, req: NewRequest) -> None:
         "input_price": req.prices.input_per_mtok,
         "output_price": req.prices.output_per_mtok,
         "credit_price": req.prices.credit_price_usd,
+        "batch_multiplier": req.prices.batch_multiplier,
+        "batch_id": req.batch_id,
     }
     if session.execute(_OPEN, params).first() is not None:
         return

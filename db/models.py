@@ -1,4 +1,5 @@
-"""ORM models: accounts, API keys, requests, the append-only credit ledger, daily usage."""
+"""ORM models: accounts, API keys, requests, the append-only credit ledger, daily usage,
+message batches."""
 
 from datetime import date, datetime
 from decimal import Decimal
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
+    UniqueConstraint,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -100,6 +102,7 @@ class Request(Base):
         ),
         # Usage reports read the partial days at the ends of a range here (docs/billing.md).
         Index("ix_request_created_at", "created_at"),
+        Index("ix_request_batch_id", "batch_id", postgresql_where="batch_id IS NOT NULL"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -126,6 +129,9 @@ class Request(Base):
     cache_read_multiplier: Mapped[Decimal | None] = mapped_column(Numeric(10, 4))
     cache_write_multiplier: Mapped[Decimal | None] = mapped_column(Numeric(10, 4))
     batch_multiplier: Mapped[Decimal | None] = mapped_column(Numeric(10, 4))
+    # The Message Batch this request ran an item of (NULL: interactive); no foreign key, so
+    # usage by batch outlives the batch's deletion.
+    batch_id: Mapped[str | None] = mapped_column(String(40))
     error: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = _now()
@@ -225,3 +231,88 @@ class AdminAudit(Base):
     client_address: Mapped[str | None] = mapped_column(String(100))
     request_id: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = _now()
+
+
+BATCH_STATUSES = ("in_progress", "canceling", "ended")
+# An item is pending (not yet given to a worker), dispatched (a request of it is open), or ended
+# with one of Anthropic's four result types.
+ITEM_OPEN = ("pending", "dispatched")
+ITEM_ENDED = ("succeeded", "errored", "canceled", "expired")
+
+
+class MessageBatch(Base):
+    """A Message Batch (Anthropic's batch API): its requests are `BatchRequest` rows."""
+
+    __tablename__ = "message_batch"
+    __table_args__ = (
+        CheckConstraint(
+            "processing_status IN ('in_progress','canceling','ended')",
+            name="processing_status_valid",
+        ),
+        Index("ix_message_batch_account_id_created_at", "account_id", "created_at", "id"),
+        Index(
+            "ix_message_batch_open",
+            "processing_status",
+            postgresql_where="processing_status <> 'ended'",
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # msgbatch_...
+    account_id: Mapped[str] = mapped_column(ForeignKey("account.id"), nullable=False)
+    api_key_id: Mapped[str | None] = mapped_column(String(40))
+    processing_status: Mapped[str] = mapped_column(String(16), nullable=False)
+    request_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = _now()
+    # Items not ended by then end `expired` (ABL_BATCH_EXPIRY_S after creation).
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_initiated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Results dropped (ABL_BATCH_RETENTION_S after it ended); the counts stay.
+    archived_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BatchRequest(Base):
+    """One request of a batch: its params, the request running it, then its result."""
+
+    __tablename__ = "batch_request"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('pending','dispatched','succeeded','errored','canceled','expired')",
+            name="status_valid",
+        ),
+        Index(
+            "ix_batch_request_open",
+            "status",
+            "model",
+            "batch_id",
+            "position",
+            postgresql_where="status IN ('pending','dispatched')",
+        ),
+        Index(
+            "ix_batch_request_request_id",
+            "request_id",
+            unique=True,
+            postgresql_where="request_id IS NOT NULL",
+        ),
+        UniqueConstraint("batch_id", "custom_id", name="uq_batch_request_batch_id_custom_id"),
+    )
+
+    batch_id: Mapped[str] = mapped_column(
+        ForeignKey("message_batch.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)  # order in the batch
+    custom_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    # The params' model as the client wrote it (dispatch goes model by model); NULL: none.
+    model: Mapped[str | None] = mapped_column(String(256))
+    # The Messages request as sent (JSON text: jsonb refuses \u0000); NULL once archived.
+    params: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    # The request (row of `request`) of the current or last attempt.
+    request_id: Mapped[str | None] = mapped_column(String(40))
+    # Attempts whose worker died (or that failed on the platform's side) before this one.
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    # JSON text. succeeded: the worker's events of the answer (api/anthropic/batches.py
+    # builds the Message); errored: {"type", "message"}; NULL otherwise, and once archived.
+    result: Mapped[str | None] = mapped_column(Text)
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

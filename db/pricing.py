@@ -34,8 +34,12 @@ class Prices:
     input_per_mtok: Decimal
     output_per_mtok: Decimal
     credit_price_usd: Decimal
+    # A Message Batch item's discount (stored as the request's batch_multiplier); None: 1.
+    batch_multiplier: Decimal | None = None
 
     def credits(self, input_tokens: int, output_tokens: int) -> int:
         """Whole credits for these tokens at these prices (the hold: output = max_tokens)."""
         cost = cost_usd(input_tokens, output_tokens, self.input_per_mtok, self.output_per_mtok)
+        if self.batch_multiplier is not None:
+            cost *= self.batch_multiplier
         return credits_for(cost, self.credit_price_usd)

@@ -34,9 +34,16 @@ from db.daily_usage import NO_KEY, utc_day
 from db.models import TERMINAL_STATUSES, Account, DailyUsage, Request
 
 # The names the API, the CLI and the CSV header use, in output order.
-GROUP_BY_FIELDS = ("account", "model", "day", "key")
-# Column of a usage row for each group-by name.
-GROUP_COLUMN_NAMES = {"account": "account_id", "model": "model", "day": "day", "key": "key_id"}
+GROUP_BY_FIELDS = ("account", "model", "day", "key", "batch")
+# Column of a usage row for each group-by name. `batch`: the Message Batch (null: interactive
+# requests); the rollup does not keep it, so a report grouped by batch reads request rows.
+GROUP_COLUMN_NAMES = {
+    "account": "account_id",
+    "model": "model",
+    "day": "day",
+    "key": "key_id",
+    "batch": "batch_id",
+}
 METRIC_NAMES = ("requests", "input_tokens", "output_tokens", "credits_charged", "cost_usd")
 # Hash-aggregating a month of rollup rows needs more than PostgreSQL's default 4MB.
 REPORT_WORK_MEM = "64MB"
@@ -53,6 +60,7 @@ class UsageRow(NamedTuple):
     model: str | None
     day: date | None
     key_id: str | None
+    batch_id: str | None
     requests: int
     input_tokens: int
     output_tokens: int
@@ -116,6 +124,7 @@ def _from_rollup(first: date, stop: date) -> Select[Any]:
         DailyUsage.model,
         DailyUsage.day,
         func.nullif(DailyUsage.api_key_id, NO_KEY).label("key_id"),
+        null().label("batch_id"),
         *(getattr(DailyUsage, name) for name in METRIC_NAMES),
     ).where(DailyUsage.day >= first, DailyUsage.day < stop)
 
@@ -127,6 +136,7 @@ def _from_requests(ranges: list[tuple[datetime, datetime]]) -> Select[Any]:
         Request.model,
         cast(day, DailyUsage.day.type).label("day"),
         Request.api_key_id.label("key_id"),
+        Request.batch_id,
         literal(1, BigInteger).label("requests"),
         cast(Request.input_tokens, BigInteger).label("input_tokens"),
         cast(Request.output_tokens, BigInteger).label("output_tokens"),
@@ -138,8 +148,12 @@ def _from_requests(ranges: list[tuple[datetime, datetime]]) -> Select[Any]:
     )
 
 
-def _parts(start: datetime, end: datetime, filters: dict[str, str | None]) -> list[Select[Any]]:
+def _parts(
+    start: datetime, end: datetime, filters: dict[str, str | None], by_batch: bool = False
+) -> list[Select[Any]]:
     first, stop = whole_days(start, end)
+    if by_batch:
+        first = stop  # the rollup has no batch: every request row is read
     parts: list[Select[Any]] = []
     if first < stop:
         parts.append(_from_rollup(first, stop))
@@ -167,7 +181,7 @@ def usage_query(
 ) -> Select[Any]:
     """The usage SELECT: rows shaped as UsageRow, ordered by the grouped columns."""
     filters = {"account_id": account_id, "key_id": key_id, "model": model}
-    parts = _parts(start, end, filters)
+    parts = _parts(start, end, filters, by_batch="batch" in group_by)
     rows = (union_all(*parts) if len(parts) > 1 else parts[0]).subquery("settled")
     grouped = usage_group_columns(group_by)
     columns: list[ColumnElement[Any]] = [
@@ -215,6 +229,7 @@ def usage_totals(rows: Iterable[UsageRow]) -> UsageRow:
     """The sum of usage rows, with no group columns."""
     rows = list(rows)
     return UsageRow(
+        None,
         None,
         None,
         None,

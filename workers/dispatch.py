@@ -50,7 +50,7 @@ class LaneConsumers(bootsteps.StartStopStep):
                 queues=[Queue(lane, routing_key=lane)],
                 callbacks=[partial(_on_message, parent, runtime)],
                 accept=["json"],
-                prefetch_count=runtime.settings.in_flight_limit,
+                prefetch_count=runtime.prefetch(lane),
             )
             consumer.consume()
             self.consumers.append(consumer)

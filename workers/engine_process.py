@@ -122,6 +122,8 @@ class EngineProcess:
             argv += ["--prepare", self.prepare]
         if self.options.prefill_chunk_tokens is not None:
             argv += ["--prefill-chunk-tokens", str(self.options.prefill_chunk_tokens)]
+        if self.options.background_reserve is not None:
+            argv += ["--background-reserve", str(self.options.background_reserve)]
         self._proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),))
         theirs.close()  # the child holds the only copy: its death reads as EOF here
         self._conn = Connection(ours.detach())
@@ -307,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare", metavar="MODEL_ID", help="make the model's folder first")
     parser.add_argument("--kv-budget-bytes", type=int, default=None)
     parser.add_argument("--prefill-chunk-tokens", type=int, default=None)
+    parser.add_argument("--background-reserve", type=int, default=None)
     args = parser.parse_args(argv)
     # The worker stops this process when its own shutdown grace is over.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -330,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         num_threads=args.threads,
         kv_budget_bytes=args.kv_budget_bytes,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
+        background_reserve=args.background_reserve,
     )
     serve(conn, args.backend, args.model_path, options)
     return 0

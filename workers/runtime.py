@@ -10,6 +10,7 @@ of threads.
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -44,11 +45,18 @@ from contract.keys import (
     heartbeat_key,
     lease_key,
 )
-from contract.queueing import TAKE, interactive_lanes, queued_accounts_key, queued_jobs_key
+from contract.queueing import (
+    TAKE,
+    batch_lane,
+    interactive_lanes,
+    queued_accounts_key,
+    queued_jobs_key,
+)
 from contract.worker_registry import HEARTBEAT_SCRIPT, heartbeat_call
+from db.batches import settle_item
 from db.ledger import Outcome, Settlement, claim_request, settle_request
 from db.pricing import Prices
-from db.session import in_autocommit
+from db.session import in_autocommit, transaction
 from workers.backends.seam import (
     Backend,
     BackendOptions,
@@ -119,6 +127,37 @@ class Publisher:
     def _send(self, event: WorkerEvent, via: "redis.client.Pipeline | None" = None) -> None:
         (via if via is not None else self._client).publish(self._channel, event.model_dump_json())
         self.next_index += 1
+
+
+class Recorder(Publisher):
+    """A Message Batch request's events, kept for its stored result instead of published
+    (nobody streams it): consecutive text of one block is joined."""
+
+    def __init__(self, client: redis.Redis, request_id: str) -> None:
+        super().__init__(client, request_id)
+        self.events: list[WorkerEvent] = []
+
+    def claimed(self, worker: str, input_tokens: int, via: "redis.client.Pipeline") -> None:
+        pass
+
+    def _send(self, event: WorkerEvent, via: "redis.client.Pipeline | None" = None) -> None:
+        last = self.events[-1] if self.events else None
+        if (
+            isinstance(event, DeltaEvent)
+            and isinstance(last, DeltaEvent)
+            and (last.block, last.kind) == (event.block, event.kind)
+        ):
+            self.events[-1] = last.model_copy(
+                update={"text": last.text + event.text, "output_tokens": event.output_tokens}
+            )
+        else:
+            self.events.append(event)
+        self.next_index += 1
+
+    def result(self, done: dict[str, object]) -> str:
+        """The stored result of a succeeded request: its block events, then `done`."""
+        final = DoneEvent(index=self.next_index, **done)  # type: ignore[arg-type]
+        return json.dumps({"events": [e.model_dump(mode="json") for e in [*self.events, final]]})
 
 
 class WorkerRuntime:
@@ -229,7 +268,15 @@ class WorkerRuntime:
         """The broker queues this worker consumes: every lane of the models it serves."""
         lanes = self.settings.queue_lanes
         models = dict.fromkeys(self._spec(m).queue for m in self.settings.models)
-        return [lane for queue in models for lane in interactive_lanes(queue, lanes)]
+        interactive = [lane for queue in models for lane in interactive_lanes(queue, lanes)]
+        return interactive + [batch_lane(queue) for queue in models]
+
+    def prefetch(self, lane: str) -> int:
+        """Jobs this worker takes from `lane` at once: the batch lane's leave the engine's
+        reserve free for interactive requests."""
+        if lane.endswith(".batch"):
+            return self.settings.batch_prefetch
+        return self.settings.in_flight_limit
 
     def _heartbeat_loop(self) -> None:
         beat = self.redis.register_script(HEARTBEAT_SCRIPT)
@@ -314,7 +361,7 @@ class WorkerRuntime:
             return
         self._active[job.request_id] = job.model
         self.telemetry.claimed(job.request_id)
-        publisher = Publisher(self.redis, job.request_id)
+        publisher = (Recorder if job.batch_id else Publisher)(self.redis, job.request_id)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(lease_key(job.request_id), self.settings.worker_name, ex=self._lease_ttl)
             pipe.exists(cancel_key(job.request_id))
@@ -337,7 +384,7 @@ class WorkerRuntime:
 
     def _taken(self, job: GenerateJob) -> None:
         """Counts the job out of its account's share of the queue (api/taskqueue.py)."""
-        if job.account_id is None:
+        if job.account_id is None or job.batch_id is not None:
             return
         queue = self._spec(job.model).queue
         keys = [queued_accounts_key(queue), queued_jobs_key(queue, job.account_id)]
@@ -452,16 +499,31 @@ class WorkerRuntime:
         # The charge comes from the prices stored on the request at admission; this worker's
         # catalogue prices only a request admitted before they were stored.
         legacy = Prices(spec.input_price_per_mtok, spec.output_price_per_mtok, self.credit_price)
-        settlement = in_autocommit(
-            self.database_url,
-            lambda conn: settle_request(conn, job.request_id, outcome, legacy_prices=legacy),
-        )
+        if isinstance(publisher, Recorder):
+            settlement = self._settle_item(job, publisher, outcome, legacy)
+        else:
+            settlement = in_autocommit(
+                self.database_url,
+                lambda conn: settle_request(conn, job.request_id, outcome, legacy_prices=legacy),
+            )
         try:
             self._publish_end(publisher, settlement, outcome, input_tokens, error_type)
         except redis.RedisError:
             log.warning("cannot publish the end of %s: Redis unreachable", job.request_id)
         orphaned = self._orphaned(job.request_id, final, settlement)
         self.telemetry.settled(job, outcome, settlement, orphaned=orphaned)
+
+    def _settle_item(
+        self, job: GenerateJob, recorder: Recorder, outcome: Outcome, legacy: Prices
+    ) -> Settlement:
+        """A Message Batch request: settled, and its item ended with its stored answer, in
+        one transaction (a failed one is left to the API's dispatcher to run again)."""
+
+        def result(settlement: Settlement) -> str:
+            return recorder.result(_done_fields(settlement, outcome, len(job.input_ids)))
+
+        with transaction(self.database_url) as session:
+            return settle_item(session, job.request_id, outcome, result, legacy_prices=legacy)
 
     def _orphaned(self, request_id: str, final: Finished | Failed, settlement: Settlement) -> bool:
         """Ran to its end for nobody: the client had cancelled, or the API had given up on it."""
@@ -485,18 +547,20 @@ class WorkerRuntime:
         if settlement.status == "failed":
             publisher.error(error_type, outcome.error or "generation failed")
             return
-        publisher.done(
-            {
-                "status": settlement.status,
-                "stop_reason": outcome.stop_reason,
-                "stop_sequence": outcome.stop_sequence,
-                "input_tokens": input_tokens,
-                "output_tokens": outcome.output_tokens,
-                "credits_charged": settlement.credits_charged,
-                "remaining_credits": settlement.remaining_credits,
-                "cost_usd": str(settlement.cost_usd),
-            }
-        )
+        publisher.done(_done_fields(settlement, outcome, input_tokens))
+
+
+def _done_fields(settlement: Settlement, outcome: Outcome, input_tokens: int) -> dict[str, object]:
+    return {
+        "status": settlement.status,
+        "stop_reason": outcome.stop_reason,
+        "stop_sequence": outcome.stop_sequence,
+        "input_tokens": input_tokens,
+        "output_tokens": outcome.output_tokens,
+        "credits_charged": settlement.credits_charged,
+        "remaining_credits": settlement.remaining_credits,
+        "cost_usd": str(settlement.cost_usd),
+    }
 
 
 def _submission(job: GenerateJob) -> Submission:
@@ -506,6 +570,7 @@ def _submission(job: GenerateJob) -> Submission:
         job.sampling,
         owner=job.account_id,
         constraint=constraint_of(job),
+        background=job.batch_id is not None,
     )
 
 

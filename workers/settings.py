@@ -27,6 +27,9 @@ class WorkerSettings(CoreSettings):
     # Jobs this worker takes from each lane at once, running or waiting for a batch slot (each
     # lane's prefetch count); unset: ABL_MAX_BATCH, so one account alone can fill the batch.
     max_in_flight: int | None = Field(default=None, ge=1)
+    # Engine rows Message Batch requests never take, kept for interactive ones; unset: a
+    # quarter of ABL_MAX_BATCH (at least one). The batch lane's prefetch is the rest.
+    batch_reserve: int | None = Field(default=None, ge=0)
     # Threads that claim and settle requests in Postgres, for all requests in flight.
     request_threads: int = Field(default=4, ge=1)
     # torch threads of each engine on CPU; unset: one fewer than the cores this process may use.
@@ -56,6 +59,14 @@ class WorkerSettings(CoreSettings):
     @property
     def in_flight_limit(self) -> int:
         return self.max_in_flight or self.max_batch
+
+    @property
+    def batch_prefetch(self) -> int:
+        """Message Batch jobs this worker takes at once: the engine rows they may use."""
+        reserve = self.batch_reserve
+        if reserve is None:
+            reserve = max(1, self.max_batch // 4) if self.max_batch > 1 else 0
+        return max(1, self.max_batch - reserve)
 
     @property
     def models(self) -> list[str]:

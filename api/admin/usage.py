@@ -112,7 +112,8 @@ def usage_report(
     key_id: Annotated[str | None, Query()] = None,
     model: Annotated[str | None, Query()] = None,
 ) -> UsageReport | Response:
-    """Settled requests over [start, end) grouped by any of account, model, day (UTC), key."""
+    """Settled requests over [start, end) grouped by any of account, model, day (UTC), key,
+    batch (the Message Batch; null: interactive requests)."""
     start, end = time_range(start, end)
     try:
         groups = parse_group_by(group_by)

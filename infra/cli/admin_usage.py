@@ -115,7 +115,7 @@ def register_usage(admin: Subparsers, leaf: Leaf) -> None:
         "--group-by",
         dest="group_by",
         metavar="FIELDS",
-        help="comma-separated: account,model,day,key (default: one total)",
+        help="comma-separated: account,model,day,key,batch (default: one total)",
     )
     p.add_argument("--account", dest="account_id", metavar="ACCOUNT_ID", help="only this account")
     p.add_argument("--key", dest="key_id", metavar="KEY_ID", help="only this API key")

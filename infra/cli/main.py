@@ -22,6 +22,7 @@ from contract.settings import CoreSettings
 from infra.bench.command import register_bench
 from infra.bench.soak import register as register_soak
 from infra.cli.admin import register_admin
+from infra.cli.batch import register_batch
 from infra.launcher.services import EmbeddedPostgres, read_or_create_secret
 from infra.launcher.stack import Stack, StackError
 from infra.launcher.supervise import signals_as_interrupt, signals_ignored, supervise
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(subparsers)
     register_soak(subparsers)
     register_admin(subparsers)
+    register_batch(subparsers)
     return parser
 
 

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from contract.jobs import TASK_GENERATE, GenerateJob, SamplingParams
 from contract.queueing import interactive_lanes
-from db.models import Account, Request
+from db.models import Account, BatchRequest, Request
 from db.reconcile import reconcile
 from db.session import get_sessionmaker
 from infra.bench.observe import descendants
@@ -160,6 +160,65 @@ def test_worker_killed_mid_stream(fault_stack: Stack, key: str) -> None:
     assert (again.status, again.worker, again.output_tokens) == ("failed", worker, 0)
     fault_stack.start_worker(index)
     books_are_straight(fault_stack)
+
+
+def test_worker_killed_mid_batch(fault_stack: Stack, key: str) -> None:
+    """Batch requests whose worker died run again on the other: every one ends succeeded,
+    none is charged twice, the books reconcile."""
+    client = anthropic.Anthropic(base_url=fault_stack.base_url, api_key=key, max_retries=0)
+    params = {"model": MODEL, "max_tokens": 32, "messages": [{"role": "user", "content": "Go"}]}
+    requests = [{"custom_id": f"r{i}", "params": params} for i in range(24)]
+    batch = client.messages.batches.create(requests=requests)  # type: ignore[arg-type]
+    assert fault_stack.database_url
+
+    def running_worker() -> str | None:
+        with get_sessionmaker(fault_stack.database_url)() as session:
+            return session.scalars(
+                select(Request.worker).where(
+                    Request.batch_id == batch.id, Request.status == "running"
+                )
+            ).first()
+
+    worker = wait_for(running_worker, timeout=60, interval=0.05)
+    index = int(worker.split("-")[1])
+    fault_stack.kill_worker(index, signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    while client.messages.batches.retrieve(batch.id).processing_status != "ended":
+        assert time.monotonic() < deadline, _batch_state(fault_stack, batch.id)
+        time.sleep(0.5)
+    results = list(client.messages.batches.results(batch.id))
+    assert sorted(r.custom_id for r in results) == sorted(f"r{i}" for i in range(24))
+    assert {r.result.type for r in results} == {"succeeded"}
+    with get_sessionmaker(fault_stack.database_url)() as session:
+        rows = session.scalars(select(Request).where(Request.batch_id == batch.id)).all()
+        items = session.scalars(select(BatchRequest).where(BatchRequest.batch_id == batch.id)).all()
+    by_id = {r.id: r for r in rows}
+    # Each request was answered by exactly one succeeded run, the one its result came from;
+    # the dead worker's runs failed and were charged nothing.
+    assert all(by_id[i.request_id].status == "succeeded" for i in items if i.request_id)
+    assert sum(r.status == "succeeded" for r in rows) == 24
+    failed = [r for r in rows if r.status == "failed"]
+    assert failed and all(r.worker == worker and r.credits_charged == 0 for r in failed)
+    assert max(i.attempts for i in items) >= 1
+    fault_stack.start_worker(index)
+    fault_stack.wait_ready(min_workers=2)
+    books_are_straight(fault_stack)
+
+
+def _batch_state(stack: Stack, batch_id: str) -> str:
+    assert stack.database_url
+    with get_sessionmaker(stack.database_url)() as session:
+        items = session.execute(
+            select(BatchRequest.status, func.count())
+            .where(BatchRequest.batch_id == batch_id)
+            .group_by(BatchRequest.status)
+        ).all()
+        requests = session.execute(
+            select(Request.status, Request.worker, Request.error, func.count())
+            .where(Request.batch_id == batch_id)
+            .group_by(Request.status, Request.worker, Request.error)
+        ).all()
+    return f"the batch did not end: items {items}, requests {requests}"
 
 
 def _stop_all_workers(stack: Stack) -> None:

@@ -40,9 +40,24 @@ OPERATIONS = [
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model_id}"),
     ("GET", "/v1/account"),
+    ("POST", "/v1/messages/batches"),
+    ("GET", "/v1/messages/batches"),
+    ("GET", "/v1/messages/batches/{batch_id}"),
+    ("POST", "/v1/messages/batches/{batch_id}/cancel"),
+    ("DELETE", "/v1/messages/batches/{batch_id}"),
+    ("GET", "/v1/messages/batches/{batch_id}/results"),
 ]
 # Invalid data needs a constraint to break: a free string path parameter or no input has none.
-NO_INVALID_FORM = {("GET", "/v1/models/{model_id}"), ("GET", "/v1/account")}
+NO_INVALID_FORM = {
+    ("GET", "/v1/models/{model_id}"),
+    ("GET", "/v1/account"),
+    ("GET", "/v1/messages/batches/{batch_id}"),
+    ("POST", "/v1/messages/batches/{batch_id}/cancel"),
+    ("DELETE", "/v1/messages/batches/{batch_id}"),
+    ("GET", "/v1/messages/batches/{batch_id}/results"),
+}
+# Requests of a fuzzed batch that are kept (each may run).
+BATCH_REQUESTS = 3
 RUNS = [
     (method, path, mode)
     for method, path in OPERATIONS
@@ -68,16 +83,28 @@ def _steer(case: Any, mode: GenerationMode) -> None:
         case.headers.pop("anthropic-version", None)
     if not isinstance(case.body, dict):
         return
-    if mode is GenerationMode.POSITIVE:
-        if isinstance(case.body.get("model"), str):
-            case.body["model"] = MODEL
-        for unsupported in ("thinking", "mcp_servers"):
-            case.body.pop(unsupported, None)
-    if case.path != "/v1/messages":
+    if case.path == "/v1/messages/batches":
+        requests = case.body.get("requests")
+        if isinstance(requests, list):
+            del requests[BATCH_REQUESTS:]
+            for request in requests:
+                if isinstance(request, dict) and isinstance(request.get("params"), dict):
+                    _steer_params(request["params"], mode, messages=True)
         return
-    max_tokens = case.body.get("max_tokens")
+    _steer_params(case.body, mode, messages=case.path == "/v1/messages")
+
+
+def _steer_params(body: dict[str, Any], mode: GenerationMode, *, messages: bool) -> None:
+    if mode is GenerationMode.POSITIVE:
+        if isinstance(body.get("model"), str):
+            body["model"] = MODEL
+        for unsupported in ("thinking", "mcp_servers"):
+            body.pop(unsupported, None)
+    if not messages:
+        return
+    max_tokens = body.get("max_tokens")
     if max_tokens is None or (isinstance(max_tokens, int) and max_tokens > MAX_TOKENS):
-        case.body["max_tokens"] = MAX_TOKENS
+        body["max_tokens"] = MAX_TOKENS
 
 
 def _check(case: Any, mode: GenerationMode, stack: Stack, fuzz_key: str) -> None:

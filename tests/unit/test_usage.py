@@ -183,8 +183,10 @@ def test_cli_table_ends_with_the_totals() -> None:
 
 def test_totals_add_every_metric() -> None:
     rows = [
-        UsageRow("a", None, None, None, 1, 10, 2, 1, Decimal("0.00006")),
-        UsageRow("b", None, None, None, 2, 20, 4, 3, Decimal("0.00012")),
+        UsageRow("a", None, None, None, None, 1, 10, 2, 1, Decimal("0.00006")),
+        UsageRow("b", None, None, None, None, 2, 20, 4, 3, Decimal("0.00012")),
     ]
-    assert usage_totals(rows) == UsageRow(None, None, None, None, 3, 30, 6, 4, Decimal("0.00018"))
+    assert usage_totals(rows) == UsageRow(
+        None, None, None, None, None, 3, 30, 6, 4, Decimal("0.00018")
+    )
     assert usage_totals([]).cost_usd == 0

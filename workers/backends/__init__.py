@@ -23,6 +23,7 @@ def create_backend(name: BackendName, model_path: Path, options: BackendOptions)
             num_threads=options.num_threads,
             kv_budget_bytes=options.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES,
             prefill_chunk_tokens=options.prefill_chunk_tokens or DEFAULT_PREFILL_CHUNK_TOKENS,
+            background_reserve=options.reserve_rows(),
         )
     if name == "echo":
         from workers.backends.echo import EchoBackend

@@ -144,6 +144,9 @@ class Submission:
     owner: str | None = None
     # A grammar the output must follow; None: free text.
     constraint: Constraint | None = None
+    # A Message Batch request: taken only when no other request waits, and never into the
+    # last `BackendOptions.background_reserve` rows of the batch.
+    background: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,14 @@ class BackendOptions:
     kv_budget_bytes: int | None = None  # memory for keys and values; None: the backend's default
     # Long prompts are prefilled this many tokens per step; None: the backend's default.
     prefill_chunk_tokens: int | None = None
+    # Rows of the batch background (Message Batch) requests never take, kept for interactive
+    # ones (ABL_BATCH_RESERVE); None: a quarter of max_batch, at least one.
+    background_reserve: int | None = None
+
+    def reserve_rows(self) -> int:
+        if self.background_reserve is not None:
+            return min(self.background_reserve, self.max_batch - 1)
+        return max(1, self.max_batch // 4) if self.max_batch > 1 else 0
 
 
 class Backend(Protocol):

@@ -71,6 +71,7 @@ class _Sequence:
     reserve: int
     owner: str  # whose request (its account): admission is fair between owners
     matcher: Matcher | None = None  # its output grammar, if constrained (constrained.py)
+    background: bool = False  # a Message Batch request: after every other, never the reserve
 
 
 class _Batch:
@@ -108,12 +109,15 @@ class TransformersEngine:
         num_threads: int | None = None,
         kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+        background_reserve: int = 0,
     ) -> None:
         self.model_path = Path(model_path)
         self.max_batch = max_batch
         self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
         # Rows a full batch may still take for owners with nothing running.
         self.hard_max_batch = max_batch + max(1, max_batch // 4)
+        # Rows background requests leave free for interactive ones.
+        self.background_rows = max(1, max_batch - background_reserve)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":
             # torch defaults to every physical core; a container may be allowed fewer. One core
@@ -211,6 +215,7 @@ class TransformersEngine:
             stopper=StopMatcher([] if submission.constraint else sampling.stop_sequences),
             reserve=min(len(submission.input_ids) + sampling.max_tokens, self.max_context),
             owner=submission.owner or request_id,
+            background=submission.background,
         )
         problem = self._check_prompt(seq.prompt)
         if problem is None and submission.constraint is not None:
@@ -340,7 +345,10 @@ class TransformersEngine:
         width = max((s.reserve for s in active), default=0)
         running = Counter(s.owner for s in active)
         while self._waiting:
-            seq = min(self._waiting, key=lambda s: running[s.owner])  # first of the least served
+            # Interactive first; of those, the first of the least served owner.
+            seq = min(self._waiting, key=lambda s: (s.background, running[s.owner]))
+            if seq.background and rows >= self.background_rows:
+                break
             # A full batch still takes a request whose owner has nothing running, up to
             # `fair_extra` rows more: another account's first request does not wait for a
             # flooding account's to end (docs/architecture.md, "Queueing").
