@@ -91,10 +91,11 @@ class EngineProcess:
         max_batch: int = 16,
         num_threads: int | None = None,
         kv_budget_bytes: int | None = None,
+        prefix_cache_bytes: int = 0,
         **kw: object,
     ) -> "EngineProcess":
         """Starts the child and waits until its model is loaded."""
-        options = BackendOptions(max_batch, num_threads, kv_budget_bytes)
+        options = BackendOptions(max_batch, num_threads, kv_budget_bytes, prefix_cache_bytes)
         engine = cls(model_path, options=options, **kw)  # type: ignore[arg-type]
         engine.start()
         return engine
@@ -116,6 +117,8 @@ class EngineProcess:
             argv += ["--threads", str(self.options.num_threads)]
         if self.options.kv_budget_bytes is not None:
             argv += ["--kv-budget-bytes", str(self.options.kv_budget_bytes)]
+        if self.options.prefix_cache_bytes:
+            argv += ["--prefix-cache-bytes", str(self.options.prefix_cache_bytes)]
         if self.build_default:
             argv.append("--build-default")
         self._proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),))
@@ -278,10 +281,13 @@ def serve(conn: Connection, backend_name: BackendName, path: Path, options: Back
                 request_id = message.submission.request_id
                 with ship_lock:  # registered before the stepping thread can ship its events
                     try:
-                        live[request_id] = backend.submit(message.submission)
+                        generation = live[request_id] = backend.submit(message.submission)
                     except ValueError as exc:  # still running here
                         log.error("refused %s: %s", request_id, exc)
                         send([RequestEvents(request_id, [Failed(f"refused: {exc}")])])
+                    else:
+                        if generation.cache_use is not None:  # kept off the event queue
+                            send([RequestEvents(request_id, [generation.cache_use])])
                 ship()  # a prompt the backend refused has its Failed queued already
             elif isinstance(message, Cancel):
                 backend.cancel(message.request_id)
@@ -302,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--build-default", action="store_true")
     parser.add_argument("--kv-budget-bytes", type=int, default=None)
+    parser.add_argument("--prefix-cache-bytes", type=int, default=0)
     args = parser.parse_args(argv)
     # The worker stops this process when its own shutdown grace is over.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -313,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
 
         build_default_model(args.model_path)
     options = BackendOptions(
-        max_batch=args.max_batch, num_threads=args.threads, kv_budget_bytes=args.kv_budget_bytes
+        max_batch=args.max_batch,
+        num_threads=args.threads,
+        kv_budget_bytes=args.kv_budget_bytes,
+        prefix_cache_bytes=args.prefix_cache_bytes,
     )
     serve(conn, args.backend, args.model_path, options)
     return 0

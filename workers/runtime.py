@@ -156,7 +156,9 @@ class WorkerRuntime:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         options = BackendOptions(
-            max_batch=self.settings.max_batch, num_threads=self.settings.torch_threads
+            max_batch=self.settings.max_batch,
+            num_threads=self.settings.torch_threads,
+            prefix_cache_bytes=self.settings.prefix_cache_bytes,
         )
         for model_id in self.settings.models:
             if model_id in self.engines:

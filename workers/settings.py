@@ -22,6 +22,9 @@ class WorkerSettings(CoreSettings):
     request_threads: int = Field(default=4, ge=1)
     # torch threads of each engine on CPU; unset: one fewer than the cores this process may use.
     torch_threads: int | None = Field(default=None, ge=1)
+    # Memory for the prompt cache: the KV of prompt prefixes kept between requests (evicted
+    # least recently used, never while a running request uses it). 0: no prompt caching.
+    prefix_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     # Least time between two text deltas of one request; its first text goes out at once.
     # Fewer, larger messages through Redis, the API and SSE (workers/pump.py). 0: every step.
     delta_interval_ms: float = Field(default=20.0, ge=0)

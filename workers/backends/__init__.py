@@ -21,6 +21,7 @@ def create_backend(name: BackendName, model_path: Path, options: BackendOptions)
             max_batch=options.max_batch,
             num_threads=options.num_threads,
             kv_budget_bytes=options.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES,
+            prefix_cache_bytes=options.prefix_cache_bytes,
         )
     if name == "echo":
         from workers.backends.echo import EchoBackend

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from contract.jobs import SamplingParams
 from contract.rendering import PromptRenderer
 from workers.backends.seam import (
+    CacheUse,
     EngineStats,
     Failed,
     Finished,
@@ -33,7 +34,14 @@ from workers.backends.seam import (
     TextChunk,
 )
 from workers.backends.textstream import IncrementalDecoder, StopMatcher
-from workers.backends.transformers.kv_batch import KV, BatchCache, kv_bytes_per_token, layers_of
+from workers.backends.transformers.kv_batch import (
+    KV,
+    BatchCache,
+    kv_bytes_per_token,
+    layers_of,
+    make_cache,
+)
+from workers.backends.transformers.prefix_cache import DEFAULT_BLOCK_TOKENS, Plan, PrefixCache
 from workers.backends.transformers.sampling import make_generator, sample_next
 
 log = logging.getLogger(__name__)
@@ -58,6 +66,13 @@ class _Sequence:
     # KV positions it may come to hold: prompt + max_tokens, within the context window.
     reserve: int
     owner: str  # whose request (its account): admission is fair between owners
+    # Prompt cache: the blocks it reads (pinned until it ends) and will store.
+    cache: Plan | None = None
+
+    @property
+    def cached(self) -> int:
+        """Prompt tokens whose KV comes from the prompt cache (not prefilled)."""
+        return self.cache.read_tokens if self.cache is not None else 0
 
 
 class _Batch:
@@ -94,6 +109,8 @@ class TransformersEngine:
         max_context: int | None = None,
         num_threads: int | None = None,
         kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
+        prefix_cache_bytes: int = 0,
+        prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS,
     ) -> None:
         self.model_path = Path(model_path)
         self.max_batch = max_batch
@@ -125,6 +142,9 @@ class TransformersEngine:
         self.pad_token_id: int = pad if isinstance(pad, int) else min(self.eos_token_ids, default=0)
         self.kv_bytes_per_token = kv_bytes_per_token(config, dtype)
         self.kv_budget_tokens = max(1, kv_budget_bytes // self.kv_bytes_per_token)
+        self.prefix_cache = PrefixCache(
+            prefix_cache_bytes, self.kv_bytes_per_token, prefix_block_tokens
+        )
         params = inspect.signature(self.model.forward).parameters
         # transformers 5 renamed past_key_values to cache; accept either spelling.
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -195,6 +215,9 @@ class TransformersEngine:
         with self._cond:
             if request_id in self._live:
                 raise ValueError(f"request {request_id} is already running")
+            # Looked up now, so the worker can say what it found before anything is decoded.
+            seq.cache = self.prefix_cache.plan(seq.prompt, submission.cache_prefix_tokens)
+            generation._put(CacheUse(seq.cache.read_tokens, seq.cache.write_tokens))
             self._live[request_id] = seq
             self._waiting.append(seq)
             self._cond.notify_all()
@@ -225,6 +248,7 @@ class TransformersEngine:
                     "kv_reserved_tokens": _reserved(self._batch.seqs),
                     "kv_budget_tokens": self.kv_budget_tokens,
                     "kv_bytes_per_token": self.kv_bytes_per_token,
+                    **_prefix_stats(self.prefix_cache),
                 }
             )
 
@@ -301,12 +325,12 @@ class TransformersEngine:
             # flooding account's to end (docs/architecture.md, "Queueing").
             if rows >= self.max_batch and (running[seq.owner] or rows >= self.hard_max_batch):
                 break
-            if admitted and len(seq.prompt) > budget:
+            if admitted and len(seq.prompt) - seq.cached > budget:
                 break
             if rows and (rows + 1) * max(width, seq.reserve) > self.kv_budget_tokens:
                 break
             self._waiting.remove(seq)
-            budget -= len(seq.prompt)
+            budget -= len(seq.prompt) - seq.cached
             admitted.append(seq)
             running[seq.owner] += 1
             rows, width = rows + 1, max(width, seq.reserve)
@@ -329,6 +353,10 @@ class TransformersEngine:
         one forward instead of k saves (k - 1) of those per step (docs/benchmarks.md). If the
         batched forward fails, each newcomer is retried alone, so a bad one fails by itself.
         """
+        hits = [seq for seq in admitted if seq.cached]
+        if hits:  # each starts from its own cached prefix: prefilled alone
+            self._prefill_each(hits)
+            admitted = [seq for seq in admitted if not seq.cached]
         if len(admitted) <= 1:
             self._prefill_each(admitted)
             return
@@ -341,6 +369,9 @@ class TransformersEngine:
             log.exception("batched prefill of %d requests failed; one at a time", len(admitted))
             self._prefill_each(admitted)
             return
+        layers = layers_of(cache)
+        for row, seq in enumerate(admitted):
+            self._remember(seq, [(k[row : row + 1], v[row : row + 1]) for k, v in layers], mask)
         rows = [
             i
             for i, (s, t) in enumerate(zip(admitted, tokens, strict=True))
@@ -368,10 +399,8 @@ class TransformersEngine:
         joined: list[_Sequence] = []
         caches: list[DynamicCache] = []
         for seq in admitted:
-            cache = DynamicCache()
             try:
-                ids = torch.tensor([seq.prompt], device=self.device)
-                logits = self._forward(ids, None, None, cache)
+                logits, cache = self._prefill_one(seq)
                 token = sample_next(logits, [seq.params], [seq.generator])[0]
             except Exception as exc:  # one bad request (or OOM) must not stop the engine
                 log.exception("prefill failed for %s", seq.generation.request_id)
@@ -382,6 +411,29 @@ class TransformersEngine:
                 caches.append(cache)
         if joined:
             self._batch.join(joined, caches)
+
+    def _prefill_one(self, seq: _Sequence) -> tuple[torch.Tensor, DynamicCache]:
+        """Prefills one prompt after its cached prefix (if any); stores what it should."""
+        start = seq.cached
+        cache = DynamicCache()
+        positions = None
+        if start and seq.cache is not None:
+            cache = make_cache(
+                [(k.to(self.device), v.to(self.device)) for k, v in self.prefix_cache.kv(seq.cache)]
+            )
+            positions = torch.arange(start, len(seq.prompt), device=self.device)[None, :]
+        ids = torch.tensor([seq.prompt[start:]], device=self.device)
+        logits = self._forward(ids, None, positions, cache)
+        self._remember(seq, layers_of(cache), None)
+        return logits, cache
+
+    def _remember(self, seq: _Sequence, layers: list[KV], mask: torch.Tensor | None) -> None:
+        """Stores the blocks of the prompt's KV that the sequence's cache plan writes. `layers`
+        hold one row; with `mask`, of a left-padded batch (the prompt ends at its end)."""
+        if seq.cache is None or not seq.cache.write:
+            return
+        start = layers[0][0].shape[-2] - len(seq.prompt) if mask is not None else 0
+        self.prefix_cache.store(seq.cache, layers, start)
 
     def _decode_step(self) -> None:
         batch = self._batch
@@ -468,6 +520,9 @@ class TransformersEngine:
 
     def _publish_finals(self) -> None:
         finals, self._finals = self._finals, []
+        for seq, _ in finals:
+            if seq.cache is not None:  # its blocks may be evicted again
+                self.prefix_cache.release(seq.cache)
         with self._cond:
             for seq, event in finals:
                 self._live.pop(seq.generation.request_id, None)
@@ -484,6 +539,19 @@ class TransformersEngine:
     def _notify(self) -> None:
         if self.on_events is not None:
             self.on_events()
+
+
+def _prefix_stats(cache: PrefixCache) -> dict[str, int]:
+    stats = cache.stats()
+    return {
+        "prefix_lookups": stats.lookups,
+        "prefix_hits": stats.hits,
+        "prefix_read_tokens": stats.read_tokens,
+        "prefix_stored_tokens": stats.stored_tokens,
+        "prefix_evictions": stats.evictions,
+        "prefix_bytes": stats.bytes,
+        "prefix_budget_bytes": stats.budget_bytes,
+    }
 
 
 def _reserved(seqs: list[_Sequence]) -> int:
