@@ -108,6 +108,9 @@ class ApiSettings(CoreSettings):
     # JSON values (array elements and object members) a body may hold: bounds the memory and
     # time that parsing and validating one body take (api/request_body.py, docs/security.md).
     max_json_values: int = Field(default=100_000, ge=1)
+    # Automatic prompt caching: a request without cache_control breakpoints is cached as if it
+    # marked its whole prompt (docs/caching.md); off: only what a request marks is cached.
+    auto_prompt_cache: bool = False
     # Comma-separated models that each need a live worker for /readyz to answer 200;
     # empty: every model in the catalogue (api/health.py).
     ready_models: str = ""

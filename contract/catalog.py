@@ -30,6 +30,12 @@ class ModelSpec(BaseModel):
     # USD per million tokens.
     input_price_per_mtok: Decimal = Field(ge=0)
     output_price_per_mtok: Decimal = Field(ge=0)
+    # Prompt caching (docs/caching.md): prompt tokens read from the cache, and written to it,
+    # cost the input price times these (Anthropic's 0.1x and 1.25x); a prefix shorter than
+    # `min_cacheable_tokens` is not cached.
+    cache_read_multiplier: Decimal = Field(default=Decimal("0.1"), ge=0)
+    cache_write_multiplier: Decimal = Field(default=Decimal("1.25"), ge=0)
+    min_cacheable_tokens: int = Field(default=1024, ge=1)
     # Celery queue whose workers serve this model.
     queue: str
     # The engine that serves it.

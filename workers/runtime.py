@@ -49,7 +49,15 @@ from contract.worker_registry import HEARTBEAT_SCRIPT, heartbeat_call
 from db.ledger import Outcome, Settlement, claim_request, settle_request
 from db.pricing import Prices
 from db.session import in_autocommit
-from workers.backends.seam import Backend, BackendOptions, Failed, Finished, Generation, Submission
+from workers.backends.seam import (
+    Backend,
+    BackendOptions,
+    CacheUse,
+    Failed,
+    Finished,
+    Generation,
+    Submission,
+)
 from workers.engine_process import EngineProcess
 from workers.pump import DeltaPump
 from workers.settings import WorkerSettings
@@ -77,10 +85,17 @@ class Publisher:
         self._channel = events_channel(request_id)
         self.next_index = 0
 
-    def claimed(self, worker: str, input_tokens: int, via: "redis.client.Pipeline") -> None:
-        self._send(
-            ClaimedEvent(index=self.next_index, worker=worker, input_tokens=input_tokens), via
+    def claimed(
+        self, worker: str, input_tokens: int, cache: CacheUse, via: "redis.client.Pipeline"
+    ) -> None:
+        event = ClaimedEvent(
+            index=self.next_index,
+            worker=worker,
+            input_tokens=input_tokens,
+            cache_read_input_tokens=cache.read_tokens,
+            cache_creation_input_tokens=cache.write_tokens,
         )
+        self._send(event, via)
 
     def block_op(self, op: BlockOp, output_tokens: int, via: "redis.client.Pipeline") -> None:
         """Queues one content-block operation on `via` (a pipeline the caller executes)."""
@@ -133,6 +148,8 @@ class WorkerRuntime:
         self._draining = False
         # Requests this process is running, and those it is aborting (shutdown, lost Redis).
         self._active: dict[str, str] = {}
+        # What the prompt cache did for each running request (told in `claimed`, charged).
+        self._cache_use: dict[str, CacheUse] = {}
         self._aborting: set[str] = set()
         # Cancellations, timed for `abl bench` (wall clock): when the cancel reached this
         # process, then when the engine's sequence had left the batch; the last 64 go out
@@ -305,12 +322,13 @@ class WorkerRuntime:
             self._done_with(delivery)
             return
         self._active[job.request_id] = job.model
+        cache = self._cache_use[job.request_id] = _cache_use(job, early)
         self.telemetry.claimed(job.request_id)
         publisher = Publisher(self.redis, job.request_id)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(lease_key(job.request_id), self.settings.worker_name, ex=self._lease_ttl)
             pipe.exists(cancel_key(job.request_id))
-            publisher.claimed(self.settings.worker_name, len(job.input_ids), pipe)
+            publisher.claimed(self.settings.worker_name, len(job.input_ids), cache, pipe)
             cancelled = bool(pipe.execute()[1])
         if cancelled:
             self._drop_early(job, early)
@@ -370,6 +388,7 @@ class WorkerRuntime:
 
     def _forget(self, request_id: str) -> None:
         self._active.pop(request_id, None)
+        self._cache_use.pop(request_id, None)
         self._aborting.discard(request_id)
         self._cancel_seen.pop(request_id, None)
         with contextlib.suppress(redis.RedisError):
@@ -427,6 +446,7 @@ class WorkerRuntime:
         self, job: GenerateJob, spec: ModelSpec, publisher: Publisher, final: Finished | Failed
     ) -> None:
         input_tokens = len(job.input_ids)
+        cache = self._cache_use.get(job.request_id, CacheUse(0, 0))
         error_type: ErrorType = API_ERROR
         if isinstance(final, Finished) and final.cancelled and job.request_id in self._aborting:
             final = Failed(message="the worker stopped the request (shutdown or lost Redis)")
@@ -440,10 +460,18 @@ class WorkerRuntime:
                 billable=True,
                 stop_reason=None if final.cancelled else final.stop_reason,
                 stop_sequence=final.stop_sequence,
+                cache_read_tokens=cache.read_tokens,
+                cache_write_tokens=cache.write_tokens,
             )
         # The charge comes from the prices stored on the request at admission; this worker's
         # catalogue prices only a request admitted before they were stored.
-        legacy = Prices(spec.input_price_per_mtok, spec.output_price_per_mtok, self.credit_price)
+        legacy = Prices(
+            spec.input_price_per_mtok,
+            spec.output_price_per_mtok,
+            self.credit_price,
+            spec.cache_read_multiplier,
+            spec.cache_write_multiplier,
+        )
         settlement = in_autocommit(
             self.database_url,
             lambda conn: settle_request(conn, job.request_id, outcome, legacy_prices=legacy),
@@ -482,7 +510,13 @@ class WorkerRuntime:
                 "status": settlement.status,
                 "stop_reason": outcome.stop_reason,
                 "stop_sequence": outcome.stop_sequence,
-                "input_tokens": input_tokens,
+                # Anthropic's input_tokens: the prompt tokens neither read from nor written to
+                # the prompt cache.
+                "input_tokens": input_tokens
+                - outcome.cache_read_tokens
+                - outcome.cache_write_tokens,
+                "cache_read_input_tokens": outcome.cache_read_tokens,
+                "cache_creation_input_tokens": outcome.cache_write_tokens,
                 "output_tokens": outcome.output_tokens,
                 "credits_charged": settlement.credits_charged,
                 "remaining_credits": settlement.remaining_credits,
@@ -492,7 +526,26 @@ class WorkerRuntime:
 
 
 def _submission(job: GenerateJob) -> Submission:
-    return Submission(job.request_id, job.input_ids, job.sampling, owner=job.account_id)
+    return Submission(
+        job.request_id,
+        job.input_ids,
+        job.sampling,
+        owner=job.account_id,
+        cache_prefix_tokens=job.cache_prefix_tokens,
+    )
+
+
+# How long a claim waits for the engine's prompt-cache answer (one message from the engine
+# process, sent when it takes the submission; normally here before the claim's commit is).
+CACHE_ANSWER_TIMEOUT_S = 5.0
+
+
+def _cache_use(job: GenerateJob, early: Generation | None) -> CacheUse:
+    """What the engine's prompt cache reads and writes for this request (nothing without a
+    cacheable prefix, or where the engine has not said)."""
+    if early is None or not job.cache_prefix_tokens:
+        return CacheUse(0, 0)
+    return early.wait_cache_use(CACHE_ANSWER_TIMEOUT_S) or CacheUse(0, 0)
 
 
 _runtime: WorkerRuntime | None = None
