@@ -74,6 +74,8 @@ class EngineProcess:
         self.on_events: Callable[[], None] | None = None
         # Called with the child's exit status when it ends without being told to.
         self.on_exit = on_exit
+        # Called on the reader thread with the prompt-cache blocks evicted and stored.
+        self.on_prefix_change: Callable[[list[bytes], list[bytes]], None] | None = None
         self._live: dict[str, Generation] = {}
         self._lock = threading.Lock()  # `_live`, `_dead`, and sending on `_conn`
         self._stats = EngineStats()
@@ -200,6 +202,10 @@ class EngineProcess:
             assert isinstance(message, Events), message
             # Stats first: whoever sees a terminal event also sees the engine without it.
             self._stats = message.stats
+            if self.on_prefix_change is not None and (
+                message.prefix_left or message.prefix_arrived
+            ):
+                self.on_prefix_change(message.prefix_left, message.prefix_arrived)
             routed: list[tuple[Generation, list[EngineEvent]]] = []
             with self._lock:
                 for shipped in message.requests:
@@ -250,10 +256,26 @@ def serve(conn: Connection, backend_name: BackendName, path: Path, options: Back
     backend = create_backend(backend_name, path, options)
     live: dict[str, Generation] = {}
     ship_lock = threading.Lock()  # the stepping thread ships; the command loop submits
+    left: list[bytes] = []
+    arrived: list[bytes] = []
+    prefix_cache = getattr(backend, "prefix_cache", None)
+
+    prefix_lock = threading.Lock()  # the lists above: filled by the stepping thread
+
+    def prefix_changed(gone: list[bytes], new: list[bytes]) -> None:
+        with prefix_lock:
+            left.extend(gone)
+            arrived.extend(new)
+
+    if prefix_cache is not None:
+        prefix_cache.on_change = prefix_changed
 
     def send(requests: list[RequestEvents]) -> None:
+        with prefix_lock:
+            gone, new = left[:], arrived[:]
+            del left[:], arrived[:]
         with contextlib.suppress(OSError):  # the worker is gone: the loop below ends
-            conn.send(Events(requests, backend.stats))
+            conn.send(Events(requests, backend.stats, gone, new))
 
     def ship() -> None:
         with ship_lock:
@@ -264,7 +286,7 @@ def serve(conn: Connection, backend_name: BackendName, path: Path, options: Back
                     shipped.append(RequestEvents(request_id, events))
                     if is_terminal(events[-1]):
                         del live[request_id]
-            if shipped:
+            if shipped or left or arrived:
                 send(shipped)
 
     backend.on_events = ship

@@ -44,6 +44,7 @@ from contract.keys import (
     heartbeat_key,
     lease_key,
 )
+from contract.prefix_routing import affinity_lane
 from contract.queueing import TAKE, interactive_lanes, queued_accounts_key, queued_jobs_key
 from contract.worker_registry import HEARTBEAT_SCRIPT, heartbeat_call
 from db.ledger import Outcome, Settlement, claim_request, settle_request
@@ -59,6 +60,7 @@ from workers.backends.seam import (
     Submission,
 )
 from workers.engine_process import EngineProcess
+from workers.prefix_announce import PrefixAnnouncer
 from workers.pump import DeltaPump
 from workers.settings import WorkerSettings
 from workers.shaping import AddToBlock, BlockOp, OpenBlock
@@ -168,6 +170,9 @@ class WorkerRuntime:
         self.telemetry = RequestTelemetry(settings.worker_name)
         self.metrics_port: int | None = None
         self._take = self.redis.register_script(TAKE)
+        self.announcer = PrefixAnnouncer(
+            self.redis, settings.worker_name, settings.prefix_announce_ttl_s
+        )
         self._collector = EngineCollector(self.engines)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -191,6 +196,8 @@ class WorkerRuntime:
                 build_default=spec.id == DEFAULT_MODEL_ID,
                 on_exit=self._engine_exited,
             )
+            if self.settings.prefix_cache_bytes:
+                engine.on_prefix_change = self.announcer.watch(model_id, spec.queue)
             engine.start()
             self.engines[model_id] = engine
             log.info("model %s loaded from %s (%s)", model_id, path, spec.backend)
@@ -238,13 +245,21 @@ class WorkerRuntime:
         """The broker queues this worker consumes: every lane of the models it serves."""
         lanes = self.settings.queue_lanes
         models = dict.fromkeys(self._spec(m).queue for m in self.settings.models)
-        return [lane for queue in models for lane in interactive_lanes(queue, lanes)]
+        shared = [lane for queue in models for lane in interactive_lanes(queue, lanes)]
+        if not self.settings.prefix_cache_bytes:
+            return shared
+        # Its own lane first: jobs routed here for its prompt cache (contract/prefix_routing.py).
+        return [affinity_lane(q, self.settings.worker_name) for q in models] + shared
 
     def _heartbeat_loop(self) -> None:
         beat = self.redis.register_script(HEARTBEAT_SCRIPT)
         # Three beats: one late or lost beat does not make a live worker look dead.
         lifetime_s = self.settings.heartbeat_s * 3
+        next_refresh = 0.0
         while not self._stop.is_set():
+            if time.monotonic() >= next_refresh:
+                self.announcer.refresh()
+                next_refresh = time.monotonic() + self.announcer.ttl_s / 3
             payload = {
                 "name": self.settings.worker_name,
                 "models": list(self.engines),

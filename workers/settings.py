@@ -25,6 +25,9 @@ class WorkerSettings(CoreSettings):
     # Memory for the prompt cache: the KV of prompt prefixes kept between requests (evicted
     # least recently used, never while a running request uses it). 0: no prompt caching.
     prefix_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+    # Seconds a worker's announcement of a cached prompt block lives in Redis unless renewed
+    # (every third of it while the block is held): cache-aware routing (docs/caching.md).
+    prefix_announce_ttl_s: float = Field(default=60.0, gt=0)
     # Least time between two text deltas of one request; its first text goes out at once.
     # Fewer, larger messages through Redis, the API and SSE (workers/pump.py). 0: every step.
     delta_interval_ms: float = Field(default=20.0, ge=0)

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from contract.jobs import SamplingParams
+from contract.prefix_routing import block_keys
 from workers.backends.seam import Finished, Generation, Submission, TextChunk
 from workers.backends.transformers.engine import TransformersEngine
-from workers.backends.transformers.prefix_cache import PrefixCache, block_keys
+from workers.backends.transformers.prefix_cache import PrefixCache
 
 SYSTEM = (
     "You are a careful assistant for a shipping company. Answer with the tracking rules, the "

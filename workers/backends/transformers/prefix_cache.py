@@ -14,7 +14,6 @@ Thread-safe: lookups happen on the submitting thread, stores and releases on the
 stepping thread.
 """
 
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,23 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from contract.prefix_routing import PREFIX_BLOCK_TOKENS, block_keys
 from workers.backends.transformers.kv_batch import KV
 
-ROOT = b"abl-prefix-v1"
-DEFAULT_BLOCK_TOKENS = 64
-
-
-def block_keys(ids: list[int], upto: int, block_tokens: int) -> list[bytes]:
-    """The hash-chain keys of the full blocks within `ids[:upto]`."""
-    keys: list[bytes] = []
-    parent = ROOT
-    for start in range(0, (min(upto, len(ids)) // block_tokens) * block_tokens, block_tokens):
-        chunk = ids[start : start + block_tokens]
-        digest = hashlib.blake2b(parent, digest_size=16)
-        digest.update(b"".join(t.to_bytes(4, "little") for t in chunk))
-        parent = digest.digest()
-        keys.append(parent)
-    return keys
+# The API computes the same keys to route a request to the worker holding its prefix.
+DEFAULT_BLOCK_TOKENS = PREFIX_BLOCK_TOKENS
 
 
 @dataclass
