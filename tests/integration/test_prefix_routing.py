@@ -22,7 +22,7 @@ from contract.prefix_routing import (
 from contract.rendering import PromptRenderer
 from infra.launcher.stack import Stack
 from tests.integration.test_prompt_cache import ask, long_system, marked
-from tests.scrape import scrape
+from tests.scrape import Samples, scrape
 from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
@@ -104,3 +104,35 @@ def test_the_second_turn_goes_to_the_worker_holding_the_prefix(
             == before + 1
         )
     )
+
+
+def test_the_cache_shows_in_the_metrics(stack: Stack, client: anthropic.Anthropic) -> None:
+    renderer = PromptRenderer.from_folder(stack.model_dir)
+    system = long_system(renderer, 1100, seed=23)
+    env = stack.workers[0].env
+    worker_url = f"http://{env['ABL_METRICS_HOST']}:{env['ABL_METRICS_PORT']}/metrics"
+    before, api_before = scrape(worker_url), scrape(f"{stack.base_url}/metrics")
+    ask(client, marked(system), "First")
+    second = ask(client, marked(system), "Second")
+    model = DEFAULT_MODEL.id
+
+    def grew(samples_before: Samples, samples: Samples, name: str) -> float:
+        return samples.get(name, model=model) - samples_before.get(name, model=model)
+
+    def once(url: str, name: str, at_least: float, samples_before: Samples) -> Samples | None:
+        samples = scrape(url)
+        return samples if grew(samples_before, samples, name) >= at_least else None
+
+    hits = "abl_worker_prefix_cache_hits_total"
+    after = wait_for(lambda: once(worker_url, hits, 1, before))
+    read = grew(before, after, "abl_worker_prefix_cache_read_tokens_total")
+    assert read >= second.usage.cache_read_input_tokens
+    assert grew(before, after, "abl_worker_prefix_cache_lookups_total") >= 2
+    held = after.get("abl_worker_prefix_cache_bytes", model=model)
+    assert 0 < held <= after.get("abl_worker_prefix_cache_budget_bytes", model=model)
+    api_read = "abl_cache_read_input_tokens_total"
+    api_url = f"{stack.base_url}/metrics"
+    api = wait_for(
+        lambda: once(api_url, api_read, second.usage.cache_read_input_tokens, api_before)
+    )
+    assert grew(api_before, api, "abl_cache_creation_input_tokens_total") > 0
