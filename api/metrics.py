@@ -55,7 +55,20 @@ CANCELLED = Counter(
     "abl_cancelled_requests_total", "Requests cancelled because their client went away", ["model"]
 )
 INPUT_TOKENS = Counter(
-    "abl_input_tokens_total", "Prompt tokens of requests answered to their end", ["model"]
+    "abl_input_tokens_total",
+    "Prompt tokens of requests answered to their end, neither read from nor written to the"
+    " prompt cache (Anthropic's input_tokens)",
+    ["model"],
+)
+CACHE_READ_TOKENS = Counter(
+    "abl_cache_read_input_tokens_total",
+    "Prompt tokens read from a worker's prompt cache (requests answered to their end)",
+    ["model"],
+)
+CACHE_CREATION_TOKENS = Counter(
+    "abl_cache_creation_input_tokens_total",
+    "Prompt tokens written to a worker's prompt cache (requests answered to their end)",
+    ["model"],
 )
 OUTPUT_TOKENS = Counter(
     "abl_output_tokens_total", "Generated tokens of requests answered to their end", ["model"]
@@ -224,6 +237,8 @@ class RequestMeter:
         done = self._done
         if done is not None:
             INPUT_TOKENS.labels(model).inc(done.input_tokens)
+            CACHE_READ_TOKENS.labels(model).inc(done.cache_read_input_tokens)
+            CACHE_CREATION_TOKENS.labels(model).inc(done.cache_creation_input_tokens)
             OUTPUT_TOKENS.labels(model).inc(done.output_tokens)
             CREDITS.labels(model).inc(done.credits_charged)
         log_request(

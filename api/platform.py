@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from api.errors import OverloadedError
+from api.prefix_route import PrefixRouter
 from api.relay import EventHub
 from api.settings import ApiSettings
 from api.taskqueue import QueueFull, TaskQueue
@@ -44,6 +45,7 @@ class Platform:
 
     def __post_init__(self) -> None:
         self.tasks = TaskQueue(self.celery, self.redis)
+        self.prefix_router = PrefixRouter(self.redis, self.settings.prefix_route_max_queued)
         self.events = EventHub(self.redis)
 
     @classmethod
@@ -105,6 +107,7 @@ class Platform:
                 max_waiting=self.settings.max_queued_per_model,
                 # A job waiting longer than the queue timeout has been given up on.
                 stale_s=2 * self.settings.queue_timeout_s,
+                affinity=await self.prefix_router.lane(spec.queue, job),
             )
         except QueueFull as full:
             raise OverloadedError(

@@ -127,6 +127,13 @@ class ApiSettings(CoreSettings):
     batch_in_flight_per_model: int = Field(default=64, ge=1)
     # Runs of a batch request whose worker died (or that failed on our side) before it errors.
     batch_max_attempts: int = Field(default=3, ge=1)
+    # Automatic prompt caching: a request without cache_control breakpoints is cached as if it
+    # marked its whole prompt (docs/caching.md); off: only what a request marks is cached.
+    auto_prompt_cache: bool = False
+    # Cache-aware routing: a request whose prompt prefix a live worker holds goes to that
+    # worker's own lane while it holds fewer than this many waiting jobs, else to the shared
+    # lanes (docs/caching.md). 0: off.
+    prefix_route_max_queued: int = Field(default=4, ge=0)
     # Comma-separated models that each need a live worker for /readyz to answer 200;
     # empty: every model in the catalogue (api/health.py).
     ready_models: str = ""

@@ -88,9 +88,11 @@ class TaskQueue:
         request_id: str,
         max_waiting: int,
         stale_s: float,
+        affinity: str | None = None,
     ) -> None:
-        """Enqueues on the account's lane of `queue`, or raises QueueFull (pushing nothing)."""
-        lane = lane_for(queue, account_id, lanes)
+        """Enqueues on the account's lane of `queue` (or the `affinity` lane of the worker
+        holding its prompt prefix), or raises QueueFull (pushing nothing)."""
+        lane = affinity or lane_for(queue, account_id, lanes)
         message = task_message(self._app, task_name, args, lane)
         now = time.time()
         keys = [
@@ -98,6 +100,7 @@ class TaskQueue:
             queued_accounts_key(queue),
             queued_jobs_key(queue, account_id),
             *interactive_lanes(queue, lanes),
+            *([affinity] if affinity else []),
         ]
         argv: list[str | int | float] = [
             *(message, max_waiting, account_id, request_id, now, now - stale_s, ceil(stale_s))

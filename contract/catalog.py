@@ -54,6 +54,12 @@ class ModelSpec(BaseModel):
     output_price_per_mtok: Decimal = Field(ge=0)
     # What a Message Batch item pays, as a fraction of these prices (0.5: half price).
     batch_price_multiplier: Decimal = Field(default=Decimal("0.5"), gt=0, le=1)
+    # Prompt caching (docs/caching.md): prompt tokens read from the cache, and written to it,
+    # cost the input price times these (Anthropic's 0.1x and 1.25x); a prefix shorter than
+    # `min_cacheable_tokens` is not cached.
+    cache_read_multiplier: Decimal = Field(default=Decimal("0.1"), ge=0)
+    cache_write_multiplier: Decimal = Field(default=Decimal("1.25"), ge=0)
+    min_cacheable_tokens: int = Field(default=1024, ge=1)
     # Celery queue whose workers serve this model; unset: the id.
     queue: str = ""
     # The engine that serves it.

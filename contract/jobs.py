@@ -56,6 +56,10 @@ class GenerateJob(BaseModel):
     # Extended thinking: at most this many tokens of it (models without a reasoning
     # section produce none).
     thinking_budget: int | None = None
+    # Prompt caching: the prompt's first tokens, up to this many, may be read from and written
+    # to the worker's prompt cache (the prefix up to the request's last cache_control
+    # breakpoint; 0: no caching). docs/caching.md.
+    cache_prefix_tokens: int = Field(default=0, ge=0)
     # Who sent it, for the worker's request log line only (never for decisions).
     account_id: str | None = None
     key_prefix: str | None = None

@@ -25,7 +25,15 @@ from sqlalchemy.orm import Session
 
 from db.models import TERMINAL_STATUSES, DailyUsage, Request
 
-ROLLUP_METRICS = ("requests", "input_tokens", "output_tokens", "credits_charged", "cost_usd")
+ROLLUP_METRICS = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "credits_charged",
+    "cost_usd",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+)
 # Stored for a request without a key (JWT): primary key columns cannot be NULL.
 NO_KEY = ""
 
@@ -53,6 +61,12 @@ def _from_requests(account_id: str | None = None) -> Select[Any]:
             cast(func.sum(Request.output_tokens), BigInteger).label("output_tokens"),
             cast(func.sum(Request.credits_charged), BigInteger).label("credits_charged"),
             func.sum(Request.cost_usd).label("cost_usd"),
+            cast(func.sum(Request.cache_read_input_tokens), BigInteger).label(
+                "cache_read_input_tokens"
+            ),
+            cast(func.sum(Request.cache_creation_input_tokens), BigInteger).label(
+                "cache_creation_input_tokens"
+            ),
         )
         .where(Request.status.in_(TERMINAL_STATUSES))
         .group_by(

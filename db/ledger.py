@@ -36,10 +36,15 @@ _CLAIM = text(
 )
 # What a request costs, from its own row: the prices stored at its admission, applied to its
 # input tokens and the output tokens the settlement reports; nothing when it is not billable.
+# Prompt tokens read from or written to the prompt cache (the worker's count) cost the input
+# price times the multipliers stored at admission (db/pricing.py `Prices.cost`, the same sum).
 # Rows admitted before prices were stored (revision 0004) have none and take the settling
 # process's (`legacy_*`). NUMERIC throughout: nothing is rounded before the credits round up.
 _COST = """CASE WHEN CAST(:billable AS boolean) THEN
-        (input_tokens * coalesce(input_price_per_mtok, CAST(:legacy_input AS numeric))
+        ((input_tokens - CAST(:cache_read AS bigint) - CAST(:cache_write AS bigint)
+          + CAST(:cache_read AS bigint) * coalesce(cache_read_multiplier, 1)
+          + CAST(:cache_write AS bigint) * coalesce(cache_write_multiplier, 1))
+           * coalesce(input_price_per_mtok, CAST(:legacy_input AS numeric))
          + CAST(:output_tokens AS bigint)
            * coalesce(output_price_per_mtok, CAST(:legacy_output AS numeric)))
         * coalesce(batch_multiplier, 1) / 1000000
@@ -56,6 +61,7 @@ _SETTLE = text(
     WITH settled AS (
         UPDATE request
         SET status = :new_status, output_tokens = :output_tokens, cost_usd = {_COST},
+            cache_read_input_tokens = :cache_read, cache_creation_input_tokens = :cache_write,
             credits_charged = CASE WHEN CAST(:billable AS boolean)
                 THEN least(credits_reserved, CAST(ceil({_COST} / {_CREDIT_PRICE}) AS bigint))
                 ELSE 0 END,
@@ -63,7 +69,8 @@ _SETTLE = text(
             finished_at = :finished_at
         WHERE id = :request_id AND status = ANY(CAST(:open_statuses AS varchar[]))
         RETURNING account_id, credits_reserved, credits_charged, cost_usd, created_at,
-                  api_key_id, model, input_tokens
+                  api_key_id, model, input_tokens, cache_read_input_tokens,
+                  cache_creation_input_tokens
     ), charged AS (
         UPDATE account
         SET credit_balance = account.credit_balance - settled.credits_charged,
@@ -85,14 +92,18 @@ _SETTLE = text(
     ), usage AS (
         INSERT INTO daily_usage AS d
             (day, account_id, api_key_id, model, requests, input_tokens, output_tokens,
-             credits_charged, cost_usd)
+             credits_charged, cost_usd, cache_read_input_tokens, cache_creation_input_tokens)
         SELECT CAST(timezone('UTC', created_at) AS date), account_id,
                coalesce(api_key_id, :no_key), model, 1, input_tokens, :output_tokens,
-               credits_charged, cost_usd
+               credits_charged, cost_usd, cache_read_input_tokens, cache_creation_input_tokens
         FROM settled
         ON CONFLICT (day, account_id, api_key_id, model) DO UPDATE
         SET requests = d.requests + 1,
             input_tokens = d.input_tokens + excluded.input_tokens,
+            cache_read_input_tokens = d.cache_read_input_tokens
+                + excluded.cache_read_input_tokens,
+            cache_creation_input_tokens = d.cache_creation_input_tokens
+                + excluded.cache_creation_input_tokens,
             output_tokens = d.output_tokens + excluded.output_tokens,
             credits_charged = d.credits_charged + excluded.credits_charged,
             cost_usd = d.cost_usd + excluded.cost_usd
@@ -201,10 +212,11 @@ _OPEN = text(
                              max_tokens, input_tokens, output_tokens, credits_reserved,
                              credits_charged, cost_usd, input_price_per_mtok,
                              output_price_per_mtok, credit_price_usd, batch_multiplier,
-                             batch_id)
+                             batch_id, cache_read_multiplier, cache_write_multiplier)
         SELECT :id, :message_id, :account_id, :api_key_id, :model, 'queued', :stream,
                :max_tokens, :input_tokens, 0, :n, 0, 0, :input_price, :output_price,
-               :credit_price, :batch_multiplier, :batch_id
+               :credit_price, :batch_multiplier, :batch_id, :cache_read_multiplier,
+               :cache_write_multiplier
         FROM held
         RETURNING id
     )
@@ -236,6 +248,8 @@ def open_request(session: Session | Connection, req: NewRequest) -> None:
         "credit_price": req.prices.credit_price_usd,
         "batch_multiplier": req.prices.batch_multiplier,
         "batch_id": req.batch_id,
+        "cache_read_multiplier": req.prices.cache_read_multiplier,
+        "cache_write_multiplier": req.prices.cache_write_multiplier,
     }
     if session.execute(_OPEN, params).first() is not None:
         return
@@ -272,6 +286,9 @@ class Outcome:
     stop_reason: str | None = None
     stop_sequence: str | None = None
     error: str | None = None
+    # Of the prompt's tokens, those the worker read from its prompt cache and wrote to it.
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @classmethod
     def unbilled(cls, status: str, error: str) -> "Outcome":
@@ -294,6 +311,7 @@ def settle_request(
     `legacy_prices` price a request admitted before prices were stored on its row.
     """
     open_statuses = ["queued"] if only_queued else ["queued", "running"]
+    billable = outcome.billable and outcome.status != "failed"
     legacy = legacy_prices
     row = session.execute(
         _SETTLE,
@@ -302,7 +320,9 @@ def settle_request(
             "open_statuses": open_statuses,
             "new_status": outcome.status,
             "output_tokens": outcome.output_tokens,
-            "billable": outcome.billable and outcome.status != "failed",
+            "cache_read": outcome.cache_read_tokens if billable else 0,
+            "cache_write": outcome.cache_write_tokens if billable else 0,
+            "billable": billable,
             "legacy_input": legacy.input_per_mtok if legacy else None,
             "legacy_output": legacy.output_per_mtok if legacy else None,
             "legacy_credit_price": legacy.credit_price_usd if legacy else None,

@@ -93,6 +93,11 @@ class Request(Base):
         ),
         CheckConstraint("credits_charged <= credits_reserved", name="charge_within_reservation"),
         CheckConstraint("credit_price_usd > 0", name="credit_price_positive"),
+        CheckConstraint(
+            "cache_read_input_tokens >= 0 AND cache_creation_input_tokens >= 0"
+            " AND cache_read_input_tokens + cache_creation_input_tokens <= input_tokens",
+            name="cache_tokens_within_input",
+        ),
         Index("ix_request_account_id_created_at", "account_id", "created_at"),
         Index(
             "ix_request_open",
@@ -115,6 +120,14 @@ class Request(Base):
     max_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
     input_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
     output_tokens: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    # Of the input tokens, those read from the prompt cache and those written to it (the
+    # worker's count, set at settlement; revision 0020).
+    cache_read_input_tokens: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default="0"
+    )
+    cache_creation_input_tokens: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default="0"
+    )
     stop_reason: Mapped[str | None] = mapped_column(String(32))
     stop_sequence: Mapped[str | None] = mapped_column(Text)
     credits_reserved: Mapped[int] = mapped_column(BigInteger, nullable=False)
@@ -122,7 +135,8 @@ class Request(Base):
     cost_usd: Mapped[Decimal] = mapped_column(Numeric(20, 9), nullable=False, default=Decimal(0))
     # The prices in force at admission, which settlement charges (db/ledger.py): USD per million
     # input / output tokens and USD per credit. NULL only on requests admitted before they were
-    # stored (revision 0004). The multipliers are room for cache and batch pricing; NULL is 1.
+    # stored (revision 0004). Cache reads and writes cost the input price times their
+    # multiplier (the model's, stored at admission); the batch multiplier is room; NULL is 1.
     input_price_per_mtok: Mapped[Decimal | None] = mapped_column(Numeric(20, 9))
     output_price_per_mtok: Mapped[Decimal | None] = mapped_column(Numeric(20, 9))
     credit_price_usd: Mapped[Decimal | None] = mapped_column(Numeric(20, 9))
@@ -194,6 +208,13 @@ class DailyUsage(Base):
     output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
     credits_charged: Mapped[int] = mapped_column(BigInteger, nullable=False)
     cost_usd: Mapped[Decimal] = mapped_column(Numeric(20, 9), nullable=False)
+    # Of input_tokens, those read from and written to the prompt cache (revision 0020).
+    cache_read_input_tokens: Mapped[int] = mapped_column(
+        BigInteger, nullable=False, default=0, server_default="0"
+    )
+    cache_creation_input_tokens: Mapped[int] = mapped_column(
+        BigInteger, nullable=False, default=0, server_default="0"
+    )
 
 
 class RevokedToken(Base):

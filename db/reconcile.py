@@ -78,6 +78,8 @@ class UsageMismatch:
     output_tokens: int
     credits_charged: int
     cost_usd: str
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
 
 
 Finding = Discrepancy | ChainBreak | RequestMismatch | UsageMismatch
@@ -233,7 +235,10 @@ def usage_mismatches(session: Session, limit: int = REPORT_LIMIT) -> list[UsageM
 
 
 def _usage_mismatch(source: str, row: tuple[Any, ...]) -> UsageMismatch:
-    day, account_id, api_key_id, model, requests, input_tokens, output_tokens, credits, cost = row
+    day, account_id, api_key_id, model, requests, input_tokens, output_tokens, credits, cost = row[
+        :9
+    ]
+    cache_read, cache_write = row[9:11]
     return UsageMismatch(
         source=source,
         day=day.isoformat(),
@@ -245,4 +250,6 @@ def _usage_mismatch(source: str, row: tuple[Any, ...]) -> UsageMismatch:
         output_tokens=int(output_tokens),
         credits_charged=int(credits),
         cost_usd=format(cost.normalize(), "f"),
+        cache_read_input_tokens=int(cache_read),
+        cache_creation_input_tokens=int(cache_write),
     )

@@ -44,7 +44,17 @@ GROUP_COLUMN_NAMES = {
     "key": "key_id",
     "batch": "batch_id",
 }
-METRIC_NAMES = ("requests", "input_tokens", "output_tokens", "credits_charged", "cost_usd")
+# input_tokens counts every prompt token; the cache columns say how many of them were read from
+# the prompt cache and written to it (docs/caching.md).
+METRIC_NAMES = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "credits_charged",
+    "cost_usd",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+)
 # Hash-aggregating a month of rollup rows needs more than PostgreSQL's default 4MB.
 REPORT_WORK_MEM = "64MB"
 
@@ -66,6 +76,8 @@ class UsageRow(NamedTuple):
     output_tokens: int
     credits_charged: int
     cost_usd: Decimal
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
 
     def as_dict(self, group_by: Sequence[str]) -> dict[str, Any]:
         """The grouped columns, then the metrics (the shape of a JSON or CSV row)."""
@@ -80,6 +92,8 @@ class AccountSpend(NamedTuple):
     output_tokens: int
     credits_charged: int
     cost_usd: Decimal
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
 
 
 def parse_group_by(value: str | Iterable[str] | None) -> list[str]:
@@ -142,6 +156,8 @@ def _from_requests(ranges: list[tuple[datetime, datetime]]) -> Select[Any]:
         cast(Request.output_tokens, BigInteger).label("output_tokens"),
         Request.credits_charged,
         Request.cost_usd,
+        cast(Request.cache_read_input_tokens, BigInteger).label("cache_read_input_tokens"),
+        cast(Request.cache_creation_input_tokens, BigInteger).label("cache_creation_input_tokens"),
     ).where(
         Request.status.in_(TERMINAL_STATUSES),
         or_(*(and_(Request.created_at >= a, Request.created_at < b) for a, b in ranges)),
@@ -189,11 +205,12 @@ def usage_query(
         for name in GROUP_COLUMN_NAMES.values()
     ]
     metrics = [
-        cast(func.coalesce(func.sum(rows.c[name]), 0), BigInteger).label(name)
-        for name in METRIC_NAMES[:-1]
+        func.coalesce(func.sum(rows.c.cost_usd), 0).label(name)
+        if name == "cost_usd"
+        else cast(func.coalesce(func.sum(rows.c[name]), 0), BigInteger).label(name)
+        for name in METRIC_NAMES
     ]
-    cost = func.coalesce(func.sum(rows.c.cost_usd), 0).label("cost_usd")
-    query = select(*columns, *metrics, cost)
+    query = select(*columns, *metrics)
     if grouped:
         keys = [rows.c[name] for name in grouped]
         query = query.group_by(*keys).order_by(*(k.asc().nulls_first() for k in keys))
@@ -239,6 +256,8 @@ def usage_totals(rows: Iterable[UsageRow]) -> UsageRow:
         sum(r.output_tokens for r in rows),
         sum(r.credits_charged for r in rows),
         sum((r.cost_usd for r in rows), Decimal(0)),
+        sum(r.cache_read_input_tokens for r in rows),
+        sum(r.cache_creation_input_tokens for r in rows),
     )
 
 

@@ -5,7 +5,7 @@ then `Events` after every engine step that produced any: each request's new even
 backend's stats as they are after that step.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from workers.backends.seam import EngineEvent, EngineStats, Submission
 
@@ -40,6 +40,10 @@ class RequestEvents:
 class Events:
     requests: list[RequestEvents]
     stats: EngineStats
+    # Prompt-cache blocks (hash-chain keys) evicted and stored since the last message: the
+    # worker announces what its engine holds (contract/prefix_routing.py).
+    prefix_left: list[bytes] = field(default_factory=list)
+    prefix_arrived: list[bytes] = field(default_factory=list)
 
 
 ToEngine = Submit | Cancel | Stop

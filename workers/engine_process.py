@@ -75,6 +75,8 @@ class EngineProcess:
         self.on_events: Callable[[], None] | None = None
         # Called with the child's exit status when it ends without being told to.
         self.on_exit = on_exit
+        # Called on the reader thread with the prompt-cache blocks evicted and stored.
+        self.on_prefix_change: Callable[[list[bytes], list[bytes]], None] | None = None
         self._live: dict[str, Generation] = {}
         self._lock = threading.Lock()  # `_live`, `_dead`, and sending on `_conn`
         self._stats = EngineStats()
@@ -93,10 +95,17 @@ class EngineProcess:
         num_threads: int | None = None,
         kv_budget_bytes: int | None = None,
         prefill_chunk_tokens: int | None = None,
+        prefix_cache_bytes: int = 0,
         **kw: object,
     ) -> "EngineProcess":
         """Starts the child and waits until its model is loaded."""
-        options = BackendOptions(max_batch, num_threads, kv_budget_bytes, prefill_chunk_tokens)
+        options = BackendOptions(
+            max_batch,
+            num_threads,
+            kv_budget_bytes,
+            prefill_chunk_tokens=prefill_chunk_tokens,
+            prefix_cache_bytes=prefix_cache_bytes,
+        )
         engine = cls(model_path, options=options, **kw)  # type: ignore[arg-type]
         engine.start()
         return engine
@@ -124,6 +133,8 @@ class EngineProcess:
             argv += ["--prefill-chunk-tokens", str(self.options.prefill_chunk_tokens)]
         if self.options.background_reserve is not None:
             argv += ["--background-reserve", str(self.options.background_reserve)]
+        if self.options.prefix_cache_bytes:
+            argv += ["--prefix-cache-bytes", str(self.options.prefix_cache_bytes)]
         self._proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),))
         theirs.close()  # the child holds the only copy: its death reads as EOF here
         self._conn = Connection(ours.detach())
@@ -203,6 +214,10 @@ class EngineProcess:
             assert isinstance(message, Events), message
             # Stats first: whoever sees a terminal event also sees the engine without it.
             self._stats = message.stats
+            if self.on_prefix_change is not None and (
+                message.prefix_left or message.prefix_arrived
+            ):
+                self.on_prefix_change(message.prefix_left, message.prefix_arrived)
             routed: list[tuple[Generation, list[EngineEvent]]] = []
             with self._lock:
                 for shipped in message.requests:
@@ -253,10 +268,26 @@ def serve(conn: Connection, backend_name: BackendName, path: Path, options: Back
     backend = create_backend(backend_name, path, options)
     live: dict[str, Generation] = {}
     ship_lock = threading.Lock()  # the stepping thread ships; the command loop submits
+    left: list[bytes] = []
+    arrived: list[bytes] = []
+    prefix_cache = getattr(backend, "prefix_cache", None)
+
+    prefix_lock = threading.Lock()  # the lists above: filled by the stepping thread
+
+    def prefix_changed(gone: list[bytes], new: list[bytes]) -> None:
+        with prefix_lock:
+            left.extend(gone)
+            arrived.extend(new)
+
+    if prefix_cache is not None:
+        prefix_cache.on_change = prefix_changed
 
     def send(requests: list[RequestEvents]) -> None:
+        with prefix_lock:
+            gone, new = left[:], arrived[:]
+            del left[:], arrived[:]
         with contextlib.suppress(OSError):  # the worker is gone: the loop below ends
-            conn.send(Events(requests, backend.stats))
+            conn.send(Events(requests, backend.stats, gone, new))
 
     def ship() -> None:
         with ship_lock:
@@ -267,7 +298,7 @@ def serve(conn: Connection, backend_name: BackendName, path: Path, options: Back
                     shipped.append(RequestEvents(request_id, events))
                     if is_terminal(events[-1]):
                         del live[request_id]
-            if shipped:
+            if shipped or left or arrived:
                 send(shipped)
 
     backend.on_events = ship
@@ -284,10 +315,13 @@ def serve(conn: Connection, backend_name: BackendName, path: Path, options: Back
                 request_id = message.submission.request_id
                 with ship_lock:  # registered before the stepping thread can ship its events
                     try:
-                        live[request_id] = backend.submit(message.submission)
+                        generation = live[request_id] = backend.submit(message.submission)
                     except ValueError as exc:  # still running here
                         log.error("refused %s: %s", request_id, exc)
                         send([RequestEvents(request_id, [Failed(f"refused: {exc}")])])
+                    else:
+                        if generation.cache_use is not None:  # kept off the event queue
+                            send([RequestEvents(request_id, [generation.cache_use])])
                 ship()  # a prompt the backend refused has its Failed queued already
             elif isinstance(message, Cancel):
                 backend.cancel(message.request_id)
@@ -310,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-budget-bytes", type=int, default=None)
     parser.add_argument("--prefill-chunk-tokens", type=int, default=None)
     parser.add_argument("--background-reserve", type=int, default=None)
+    parser.add_argument("--prefix-cache-bytes", type=int, default=0)
     args = parser.parse_args(argv)
     # The worker stops this process when its own shutdown grace is over.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -334,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_budget_bytes=args.kv_budget_bytes,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         background_reserve=args.background_reserve,
+        prefix_cache_bytes=args.prefix_cache_bytes,
     )
     serve(conn, args.backend, args.model_path, options)
     return 0

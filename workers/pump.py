@@ -57,7 +57,7 @@ def coalesce(events: list[EngineEvent]) -> tuple[str, int, Finished | Failed | N
         if isinstance(event, TextChunk):
             text += event.text
             tokens = event.output_tokens
-        else:
+        elif isinstance(event, Finished | Failed):  # (CacheUse never reaches the queue)
             return text, tokens, event
     return text, tokens, None
 

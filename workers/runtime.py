@@ -45,6 +45,7 @@ from contract.keys import (
     heartbeat_key,
     lease_key,
 )
+from contract.prefix_routing import affinity_lane
 from contract.queueing import (
     TAKE,
     batch_lane,
@@ -60,6 +61,7 @@ from db.session import in_autocommit, transaction
 from workers.backends.seam import (
     Backend,
     BackendOptions,
+    CacheUse,
     Constraint,
     Failed,
     Finished,
@@ -67,6 +69,7 @@ from workers.backends.seam import (
     Submission,
 )
 from workers.engine_process import EngineProcess
+from workers.prefix_announce import PrefixAnnouncer
 from workers.pump import DeltaPump
 from workers.settings import WorkerSettings
 from workers.shaping import AddToBlock, BlockOp, OpenBlock, shaper_for
@@ -93,10 +96,17 @@ class Publisher:
         self._channel = events_channel(request_id)
         self.next_index = 0
 
-    def claimed(self, worker: str, input_tokens: int, via: "redis.client.Pipeline") -> None:
-        self._send(
-            ClaimedEvent(index=self.next_index, worker=worker, input_tokens=input_tokens), via
+    def claimed(
+        self, worker: str, input_tokens: int, cache: CacheUse, via: "redis.client.Pipeline"
+    ) -> None:
+        event = ClaimedEvent(
+            index=self.next_index,
+            worker=worker,
+            input_tokens=input_tokens,
+            cache_read_input_tokens=cache.read_tokens,
+            cache_creation_input_tokens=cache.write_tokens,
         )
+        self._send(event, via)
 
     def block_op(self, op: BlockOp, output_tokens: int, via: "redis.client.Pipeline") -> None:
         """Queues one content-block operation on `via` (a pipeline the caller executes)."""
@@ -137,7 +147,9 @@ class Recorder(Publisher):
         super().__init__(client, request_id)
         self.events: list[WorkerEvent] = []
 
-    def claimed(self, worker: str, input_tokens: int, via: "redis.client.Pipeline") -> None:
+    def claimed(
+        self, worker: str, input_tokens: int, cache: CacheUse, via: "redis.client.Pipeline"
+    ) -> None:
         pass
 
     def _send(self, event: WorkerEvent, via: "redis.client.Pipeline | None" = None) -> None:
@@ -180,6 +192,8 @@ class WorkerRuntime:
         self._draining = False
         # Requests this process is running, and those it is aborting (shutdown, lost Redis).
         self._active: dict[str, str] = {}
+        # What the prompt cache did for each running request (told in `claimed`, charged).
+        self._cache_use: dict[str, CacheUse] = {}
         self._aborting: set[str] = set()
         # Cancellations, timed for `abl bench` (wall clock): when the cancel reached this
         # process, then when the engine's sequence had left the batch; the last 64 go out
@@ -198,6 +212,9 @@ class WorkerRuntime:
         self.telemetry = RequestTelemetry(settings.worker_name)
         self.metrics_port: int | None = None
         self._take = self.redis.register_script(TAKE)
+        self.announcer = PrefixAnnouncer(
+            self.redis, settings.worker_name, settings.prefix_announce_ttl_s
+        )
         self._collector = EngineCollector(self.engines)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -206,6 +223,7 @@ class WorkerRuntime:
             max_batch=self.settings.max_batch,
             num_threads=self.settings.torch_threads,
             prefill_chunk_tokens=self.settings.prefill_chunk_tokens,
+            prefix_cache_bytes=self.settings.prefix_cache_bytes,
         )
         for model_id in self.settings.models:
             if model_id in self.engines:
@@ -221,6 +239,8 @@ class WorkerRuntime:
                 prepare=spec.id,
                 on_exit=self._engine_exited,
             )
+            if self.settings.prefix_cache_bytes:
+                engine.on_prefix_change = self.announcer.watch(model_id, spec.queue)
             engine.start()
             self.engines[model_id] = engine
             log.info("model %s loaded from %s (%s)", model_id, path, spec.backend)
@@ -268,8 +288,12 @@ class WorkerRuntime:
         """The broker queues this worker consumes: every lane of the models it serves."""
         lanes = self.settings.queue_lanes
         models = dict.fromkeys(self._spec(m).queue for m in self.settings.models)
-        interactive = [lane for queue in models for lane in interactive_lanes(queue, lanes)]
-        return interactive + [batch_lane(queue) for queue in models]
+        shared = [lane for queue in models for lane in interactive_lanes(queue, lanes)]
+        shared += [batch_lane(queue) for queue in models]
+        if not self.settings.prefix_cache_bytes:
+            return shared
+        # Its own lane first: jobs routed here for its prompt cache (contract/prefix_routing.py).
+        return [affinity_lane(q, self.settings.worker_name) for q in models] + shared
 
     def prefetch(self, lane: str) -> int:
         """Jobs this worker takes from `lane` at once: the batch lane's leave the engine's
@@ -282,7 +306,11 @@ class WorkerRuntime:
         beat = self.redis.register_script(HEARTBEAT_SCRIPT)
         # Three beats: one late or lost beat does not make a live worker look dead.
         lifetime_s = self.settings.heartbeat_s * 3
+        next_refresh = 0.0
         while not self._stop.is_set():
+            if time.monotonic() >= next_refresh:
+                self.announcer.refresh()
+                next_refresh = time.monotonic() + self.announcer.ttl_s / 3
             payload = {
                 "name": self.settings.worker_name,
                 "models": list(self.engines),
@@ -360,12 +388,13 @@ class WorkerRuntime:
             self._done_with(delivery)
             return
         self._active[job.request_id] = job.model
+        cache = self._cache_use[job.request_id] = _cache_use(job, early)
         self.telemetry.claimed(job.request_id)
         publisher = (Recorder if job.batch_id else Publisher)(self.redis, job.request_id)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(lease_key(job.request_id), self.settings.worker_name, ex=self._lease_ttl)
             pipe.exists(cancel_key(job.request_id))
-            publisher.claimed(self.settings.worker_name, len(job.input_ids), pipe)
+            publisher.claimed(self.settings.worker_name, len(job.input_ids), cache, pipe)
             cancelled = bool(pipe.execute()[1])
         if cancelled:
             self._drop_early(job, early)
@@ -425,6 +454,7 @@ class WorkerRuntime:
 
     def _forget(self, request_id: str) -> None:
         self._active.pop(request_id, None)
+        self._cache_use.pop(request_id, None)
         self._aborting.discard(request_id)
         self._cancel_seen.pop(request_id, None)
         with contextlib.suppress(redis.RedisError):
@@ -482,6 +512,7 @@ class WorkerRuntime:
         self, job: GenerateJob, spec: ModelSpec, publisher: Publisher, final: Finished | Failed
     ) -> None:
         input_tokens = len(job.input_ids)
+        cache = self._cache_use.get(job.request_id, CacheUse(0, 0))
         error_type: ErrorType = final.error_type if isinstance(final, Failed) else API_ERROR
         if isinstance(final, Finished) and final.cancelled and job.request_id in self._aborting:
             final = Failed(message="the worker stopped the request (shutdown or lost Redis)")
@@ -495,10 +526,18 @@ class WorkerRuntime:
                 billable=True,
                 stop_reason=None if final.cancelled else final.stop_reason,
                 stop_sequence=final.stop_sequence,
+                cache_read_tokens=cache.read_tokens,
+                cache_write_tokens=cache.write_tokens,
             )
         # The charge comes from the prices stored on the request at admission; this worker's
         # catalogue prices only a request admitted before they were stored.
-        legacy = Prices(spec.input_price_per_mtok, spec.output_price_per_mtok, self.credit_price)
+        legacy = Prices(
+            spec.input_price_per_mtok,
+            spec.output_price_per_mtok,
+            self.credit_price,
+            cache_read_multiplier=spec.cache_read_multiplier,
+            cache_write_multiplier=spec.cache_write_multiplier,
+        )
         if isinstance(publisher, Recorder):
             settlement = self._settle_item(job, publisher, outcome, legacy)
         else:
@@ -555,7 +594,11 @@ def _done_fields(settlement: Settlement, outcome: Outcome, input_tokens: int) ->
         "status": settlement.status,
         "stop_reason": outcome.stop_reason,
         "stop_sequence": outcome.stop_sequence,
-        "input_tokens": input_tokens,
+        # Anthropic's input_tokens: the prompt tokens neither read from nor written to the
+        # prompt cache.
+        "input_tokens": input_tokens - outcome.cache_read_tokens - outcome.cache_write_tokens,
+        "cache_read_input_tokens": outcome.cache_read_tokens,
+        "cache_creation_input_tokens": outcome.cache_write_tokens,
         "output_tokens": outcome.output_tokens,
         "credits_charged": settlement.credits_charged,
         "remaining_credits": settlement.remaining_credits,
@@ -571,6 +614,7 @@ def _submission(job: GenerateJob) -> Submission:
         owner=job.account_id,
         constraint=constraint_of(job),
         background=job.batch_id is not None,
+        cache_prefix_tokens=job.cache_prefix_tokens,
     )
 
 
@@ -584,6 +628,19 @@ def constraint_of(job: GenerateJob) -> Constraint | None:
     if job.output_schema is not None:
         return Constraint("json", schema=job.output_schema)
     return None
+
+
+# How long a claim waits for the engine's prompt-cache answer (one message from the engine
+# process, sent when it takes the submission; normally here before the claim's commit is).
+CACHE_ANSWER_TIMEOUT_S = 5.0
+
+
+def _cache_use(job: GenerateJob, early: Generation | None) -> CacheUse:
+    """What the engine's prompt cache reads and writes for this request (nothing without a
+    cacheable prefix, or where the engine has not said)."""
+    if early is None or not job.cache_prefix_tokens:
+        return CacheUse(0, 0)
+    return early.wait_cache_use(CACHE_ANSWER_TIMEOUT_S) or CacheUse(0, 0)
 
 
 _runtime: WorkerRuntime | None = None

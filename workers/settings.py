@@ -37,6 +37,12 @@ class WorkerSettings(CoreSettings):
     # Prompts longer than this many tokens are prefilled this many per engine step, the running
     # batch decoding between chunks (a 20k-token prompt does not stall everyone else's tokens).
     prefill_chunk_tokens: int = Field(default=2048, ge=16)
+    # Memory for the prompt cache: the KV of prompt prefixes kept between requests (evicted
+    # least recently used, never while a running request uses it). 0: no prompt caching.
+    prefix_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+    # Seconds a worker's announcement of a cached prompt block lives in Redis unless renewed
+    # (every third of it while the block is held): cache-aware routing (docs/caching.md).
+    prefix_announce_ttl_s: float = Field(default=60.0, gt=0)
     # Least time between two text deltas of one request; its first text goes out at once.
     # Fewer, larger messages through Redis, the API and SSE (workers/pump.py). 0: every step.
     delta_interval_ms: float = Field(default=20.0, ge=0)

@@ -82,8 +82,37 @@ class EngineCollector(Collector):
             "Engine generations by how they ended: finished, cancelled or failed",
             labels=["model", "outcome"],
         )
+
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=["model"])
+
+        # The prompt cache (docs/caching.md): hit rate = hits / lookups.
+        lookups = counter("abl_worker_prefix_cache_lookups", "Prompt-cache lookups (cacheable)")
+        hits = counter("abl_worker_prefix_cache_hits", "Lookups that reused a cached prefix")
+        read = counter("abl_worker_prefix_cache_read_tokens", "Prompt tokens whose KV was reused")
+        stored = counter(
+            "abl_worker_prefix_cache_stored_tokens", "Prompt tokens whose KV was stored"
+        )
+        evictions = counter("abl_worker_prefix_cache_evictions", "Prompt-cache blocks evicted")
+        held = gauge("abl_worker_prefix_cache_bytes", "Bytes the prompt cache holds")
+        budget = gauge("abl_worker_prefix_cache_budget_bytes", "Bytes the prompt cache may hold")
+        prefix: tuple[CounterMetricFamily | GaugeMetricFamily, ...] = (
+            *(lookups, hits, read, stored, evictions),
+            *(held, budget),
+        )
+        fields = (
+            "prefix_lookups",
+            "prefix_hits",
+            "prefix_read_tokens",
+            "prefix_stored_tokens",
+            "prefix_evictions",
+            "prefix_bytes",
+            "prefix_budget_bytes",
+        )
         for model, engine in self.engines.items():
             stats = engine.stats
+            for family, field in zip(prefix, fields, strict=True):
+                family.add_metric([model], getattr(stats, field))
             batch.add_metric([model], stats.active)
             waiting.add_metric([model], stats.waiting)
             kv.add_metric([model], stats.kv_tokens)
@@ -95,6 +124,7 @@ class EngineCollector(Collector):
             for outcome in ("finished", "cancelled", "failed"):
                 generations.add_metric([model, outcome], getattr(stats, outcome))
         yield from (batch, waiting, kv, allocated, capacity, usage, tokens, steps, generations)
+        yield from prefix
 
 
 def serve_metrics(settings: "WorkerSettings", collector: EngineCollector) -> int | None:

@@ -254,6 +254,8 @@ class RequestOut(BaseModel):
     max_tokens: int
     input_tokens: int
     output_tokens: int
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
     stop_reason: str | None
     stop_sequence: str | None
     credits_reserved: int
@@ -328,6 +330,8 @@ class UsageMismatchOut(BaseModel):
     output_tokens: int
     credits_charged: int
     cost_usd: str
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
 
 
 class ReconcileOut(BaseModel):

@@ -57,6 +57,8 @@ class AccountSpendOut(BaseModel):
     output_tokens: int
     credits_charged: int
     cost_usd: str
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
 
 
 class TopAccounts(BaseModel):
@@ -161,6 +163,8 @@ def top_accounts_report(
             output_tokens=s.output_tokens,
             credits_charged=s.credits_charged,
             cost_usd=str(cell(s.cost_usd)),
+            cache_read_input_tokens=s.cache_read_input_tokens,
+            cache_creation_input_tokens=s.cache_creation_input_tokens,
         )
         for s in spenders
     ]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from fastapi.concurrency import run_in_threadpool
 
+from api.anthropic.caching import cacheable_tokens
 from api.anthropic.convert import conversation_of, sampling_params, thinking_budget, tool_use
 from api.anthropic.protocol import ConversationRequest, MessagesRequest
 from api.credentials import Principal
@@ -156,14 +157,22 @@ async def admit(
     max_tokens = decide_max_tokens(platform, spec, body, len(input_ids))
     if body.max_tokens is not None and max_tokens < body.max_tokens:
         headers.update({MAX_TOKENS_HEADER: str(max_tokens)})
+    cacheable = await cacheable_tokens(platform, spec, body, input_ids)
     cost = Cost(requests=1, input_tokens=len(input_ids), output_tokens=max_tokens)
     ticket, decision = await limiter.acquire(
         budgets(principal, platform.settings), cost, request_id
     )
     headers.update(decision.headers())
     # The prices in force now go on the request's row: its settlement charges them.
-    prices = Prices(spec.input_price_per_mtok, spec.output_price_per_mtok, platform.credit_price)
-    reserve = prices.credits(len(input_ids), max_tokens)
+    prices = Prices(
+        spec.input_price_per_mtok,
+        spec.output_price_per_mtok,
+        platform.credit_price,
+        cache_read_multiplier=spec.cache_read_multiplier,
+        cache_write_multiplier=spec.cache_write_multiplier,
+    )
+    # The worst case: every cacheable token at the dearest of input, cache read, cache write.
+    reserve = prices.hold(len(input_ids), max_tokens, cacheable)
     message_id = new_message_id()
     new = NewRequest(
         id=request_id,
@@ -194,6 +203,7 @@ async def admit(
         tool_use=tool_use(body),
         output_schema=body.output_format_schema(),
         thinking_budget=thinking_budget(body, max_tokens),
+        cache_prefix_tokens=cacheable,
         account_id=principal.account_id,
         key_prefix=principal.key_prefix,
     )

@@ -159,7 +159,9 @@ class BatchDispatcher:
             spec.input_price_per_mtok,
             spec.output_price_per_mtok,
             platform.credit_price,
-            spec.batch_price_multiplier,
+            batch_multiplier=spec.batch_price_multiplier,
+            cache_read_multiplier=spec.cache_read_multiplier,
+            cache_write_multiplier=spec.cache_write_multiplier,
         )
         reserve = prices.credits(len(input_ids), max_tokens)
         request_id = new_request_id()

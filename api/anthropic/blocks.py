@@ -63,20 +63,30 @@ Text = Annotated[str, AfterValidator(_valid_unicode)]
 JsonObject = Annotated[dict[str, Any], AfterValidator(_valid_json_unicode)]
 
 
+class CacheControlParam(WireModel):
+    """A prompt-cache breakpoint: the prefix up to the end of its block is cached
+    (docs/caching.md). Entries live as long as the worker's cache keeps them, whatever `ttl`."""
+
+    type: Literal["ephemeral"]
+    ttl: Literal["5m", "1h"] | None = None
+
+
 class TextBlockParam(WireModel):
-    """`{"type": "text", "text": ...}`; `cache_control` and `citations` are accepted and ignored."""
+    """`{"type": "text", "text": ...}`; `citations` is accepted and ignored."""
 
     type: Literal["text"]
     text: Text
+    cache_control: CacheControlParam | None = None
 
 
 class ToolUseBlockParam(WireModel):
-    """An earlier tool call of the assistant (`caller`, `cache_control` ignored)."""
+    """An earlier tool call of the assistant (`caller` ignored)."""
 
     type: Literal["tool_use"]
     id: Text
     name: Text
     input: JsonObject
+    cache_control: CacheControlParam | None = None
 
 
 class TextDocumentSource(WireModel):
@@ -103,6 +113,7 @@ class DocumentBlockParam(WireModel):
     source: Annotated[TextDocumentSource, BeforeValidator(_text_source)]
     title: Text | None = None
     context: Text | None = None
+    cache_control: CacheControlParam | None = None
 
     def flat_text(self) -> str:
         return BLOCK_SEPARATOR.join(p for p in (self.title, self.context, self.source.data) if p)
@@ -115,6 +126,7 @@ class SearchResultBlockParam(WireModel):
     source: Text
     title: Text
     content: list[TextBlockParam]
+    cache_control: CacheControlParam | None = None
 
     def flat_text(self) -> str:
         body = BLOCK_SEPARATOR.join(b.text for b in self.content if b.text)
@@ -227,6 +239,7 @@ class ToolResultBlockParam(WireModel):
     tool_use_id: Text
     content: Annotated[list[ToolResultContentParam], BeforeValidator(text_or_blocks)] = []
     is_error: bool | None = None
+    cache_control: CacheControlParam | None = None
 
     def content_text(self) -> str:
         return BLOCK_SEPARATOR.join(t for t in (_flat(b) for b in self.content) if t)

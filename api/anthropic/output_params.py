@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from api.anthropic.blocks import JsonObject, Text, WireModel
+from api.anthropic.blocks import CacheControlParam, JsonObject, Text, WireModel
 from contract.json_schema_support import UnsupportedSchemaError, check_schema
 
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,128}$"
@@ -35,7 +35,7 @@ def _custom_tool(value: Any) -> Any:
 
 
 class CustomToolParam(WireModel):
-    """A client tool (`cache_control`, `input_examples`, `defer_loading`, ... are ignored)."""
+    """A client tool (`input_examples`, `defer_loading`, ... are ignored)."""
 
     type: Literal["custom"] | None = None
     name: Annotated[str, Field(pattern=TOOL_NAME_PATTERN)]
@@ -43,6 +43,8 @@ class CustomToolParam(WireModel):
     input_schema: JsonObject
     # The call's input must match the schema exactly: honoured when the call is forced.
     strict: bool | None = None
+    # A prompt-cache breakpoint after this tool's definition (docs/caching.md).
+    cache_control: CacheControlParam | None = None
 
     @field_validator("input_schema")
     @classmethod

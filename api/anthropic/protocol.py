@@ -3,7 +3,7 @@
 Validation policy, chosen for compatibility with real clients:
 - Unknown fields are ignored, at the top level and inside messages and blocks: SDKs and
   Claude-style clients keep adding fields. Hints are accepted and change nothing:
-  `output_config.effort`, `context_management`, `cache_control` (anywhere), `service_tier`,
+  `output_config.effort`, `context_management`, `service_tier`,
   `metadata`, `container`, `speed`, `inference_geo`, the `anthropic-beta` header, `?beta=true`.
 - What changes what the output must be is honoured or refused with a 400 that says what is not
   supported, never silently dropped: custom tools and every `tool_choice` (server tools are
@@ -14,6 +14,8 @@ Validation policy, chosen for compatibility with real clients:
 - Roles: `user`, `assistant`, and `system` inside `messages` (SDK2's SystemMessageParam, sent
   by Claude Code): text only; rendered as a system turn where it is if the chat template takes
   that, else appended to the system prompt (contract/rendering.py).
+- `cache_control` breakpoints (on tools, system blocks, message blocks, or at the top level)
+  are honoured: at most 4, `{"type": "ephemeral"}` (api/anthropic/caching.py).
 - Per the seed, `max_tokens` is optional (the route fills a default) and `temperature` is 0-2.
 - `stop_sequences`: at most 32 entries, each 1-256 characters (the engine matches them per step).
 - Consecutive messages with the same role are merged into one turn, as the current API does.
@@ -25,6 +27,7 @@ request are raised at the root with the path already in the message; `api.errors
 messages as they are.
 """
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -33,6 +36,7 @@ from pydantic_core import PydanticCustomError
 
 from api.anthropic.blocks import (
     ROLE_BLOCKS,
+    CacheControlParam,
     ContentBlockParam,
     SystemBlockParam,
     TextBlockParam,
@@ -59,6 +63,30 @@ StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 Role = Literal["user", "assistant", "system"]
 
 # ---------------------------------------------------------------------------- request side
+
+
+# Anthropic's limit on cache_control breakpoints in one request.
+MAX_BREAKPOINTS = 4
+
+
+@dataclass(frozen=True)
+class Breakpoint:
+    """A `cache_control` mark: on tool `index`, system block `index`, block `block` of message
+    `index`, or at the top level ("end": the whole prompt)."""
+
+    section: Literal["tools", "system", "messages", "end"]
+    index: int
+    block: int = 0
+
+
+def _marked(block: Any) -> bool:
+    """A block marked itself, or (tool results, search results) one of its text blocks."""
+    if getattr(block, "cache_control", None) is not None:
+        return True
+    inner = getattr(block, "content", None)
+    return isinstance(inner, list) and any(
+        getattr(b, "cache_control", None) is not None for b in inner
+    )
 
 
 def _join(blocks: list[TextBlockParam]) -> str:
@@ -96,6 +124,8 @@ class ConversationRequest(WireModel):
     output_config: OutputConfigParam | None = None
     # The older spelling of output_config.format.
     output_format: JsonSchemaFormat | None = None
+    # Automatic prompt caching: a breakpoint at the end of the prompt (docs/caching.md).
+    cache_control: CacheControlParam | None = None
     # Declared only to be refused: MCP servers would add tools that run elsewhere.
     mcp_servers: list[Any] | None = Field(default=None, exclude=True)
 
@@ -142,6 +172,16 @@ class ConversationRequest(WireModel):
         return self
 
     @model_validator(mode="after")
+    def _check_cache_control(self) -> "ConversationRequest":
+        found = len(self.cache_breakpoints())
+        if found > MAX_BREAKPOINTS:
+            raise _request_error(
+                f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided."
+                f" Found {found}."
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_output(self) -> "ConversationRequest":
         problem = tools_problem(self.tools or [], self.tool_choice)
         thinking = self.thinking
@@ -180,6 +220,25 @@ class ConversationRequest(WireModel):
         chosen = self.output_config.format if self.output_config else None
         chosen = chosen or self.output_format
         return chosen.json_schema if chosen is not None else None
+
+    def cache_breakpoints(self) -> list[Breakpoint]:
+        """Every block marked with `cache_control`, in prompt order (tools, system, messages,
+        then the top-level mark, which stands for the end of the prompt)."""
+        found: list[Breakpoint] = [
+            Breakpoint("tools", k) for k, t in enumerate(self.tools or []) if t.cache_control
+        ]
+        found += [
+            Breakpoint("system", j) for j, b in enumerate(self.system or []) if b.cache_control
+        ]
+        for i, message in enumerate(self.messages):
+            found += [
+                Breakpoint("messages", i, j)
+                for j, block in enumerate(message.content)
+                if _marked(block)
+            ]
+        if self.cache_control is not None:
+            found.append(Breakpoint("end", 0))
+        return found
 
     def system_text(self) -> str | None:
         """The system prompt as one string, or None when absent or empty."""

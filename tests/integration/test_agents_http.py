@@ -311,6 +311,15 @@ def test_claude_code_first_request_shape_streams(
     names = [name for name, _ in events]
     assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
     start = events[0][1]["message"]
-    assert start["model"] == "claude-sonnet-4-6" and start["usage"]["input_tokens"] == count
+    usage = start["usage"]
+    # Its cache_control breakpoints are honoured: the prompt is split between what was read
+    # from the worker's prompt cache, written to it, and the rest (docs/caching.md).
+    whole = (
+        usage["input_tokens"]
+        + usage["cache_read_input_tokens"]
+        + usage["cache_creation_input_tokens"]
+    )
+    assert start["model"] == "claude-sonnet-4-6" and whole == count
+    assert usage["cache_read_input_tokens"] + usage["cache_creation_input_tokens"] > 0
     assert {d["delta"]["type"] for n, d in events if n == "content_block_delta"} <= {"text_delta"}
     assert events[-2][1]["usage"]["output_tokens"] >= 1

@@ -27,6 +27,8 @@ pytestmark = pytest.mark.integration
 
 MODEL = STACK_MODEL
 METRICS = ("requests", "input_tokens", "output_tokens", "credits_charged", "cost_usd")
+# Prompt-cache columns (docs/caching.md): 0 here, where no request marks a breakpoint.
+CACHE = ("cache_read_input_tokens", "cache_creation_input_tokens")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -110,7 +112,7 @@ def test_usage_totals_equal_the_requests_sent(
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["group_by"] == ["account", "model", "day", "key"]
-    assert body["columns"] == ["account_id", "model", "day", "key_id", *METRICS]
+    assert body["columns"] == ["account_id", "model", "day", "key_id", *METRICS, *CACHE]
     assert {r["key_id"] for r in body["data"]} == set(spent["by_key"])
     for row in body["data"]:
         assert (row["account_id"], row["model"]) == (account.id, MODEL)
@@ -135,7 +137,7 @@ def test_usage_grouped_by_account_across_every_account(
     body = report(admin, spent, group_by="account").json()
     [mine] = [r for r in body["data"] if r["account_id"] == spent["account"].id]
     assert metrics(mine) == summed(everything)
-    assert body["columns"] == ["account_id", *METRICS]
+    assert body["columns"] == ["account_id", *METRICS, *CACHE]
     assert [r["account_id"] for r in body["data"]] == sorted(r["account_id"] for r in body["data"])
 
 
@@ -147,7 +149,7 @@ def test_usage_csv_parses_and_matches_json(admin: httpx.Client, spent: dict[str,
     assert response.headers["content-type"].startswith("text/csv")
     assert "attachment" in response.headers["content-disposition"]
     reader = csv.DictReader(io.StringIO(response.text))
-    assert reader.fieldnames == ["day", "key_id", *METRICS]
+    assert reader.fieldnames == ["day", "key_id", *METRICS, *CACHE]
     parsed = list(reader)
     assert parsed == [{k: str(v) for k, v in row.items()} for row in as_json["data"]]
     assert sum(int(r["requests"]) for r in parsed) == 5

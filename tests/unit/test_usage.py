@@ -24,7 +24,15 @@ from db.usage import (
 )
 from infra.cli.admin_usage import usage_table, write_usage_csv
 
-METRICS = ["requests", "input_tokens", "output_tokens", "credits_charged", "cost_usd"]
+METRICS = [
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "credits_charged",
+    "cost_usd",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+]
 
 
 @pytest.mark.parametrize(
@@ -129,6 +137,8 @@ def report() -> dict[str, object]:
             "output_tokens": 4,
             "credits_charged": 2,
             "cost_usd": "0.00007",
+            "cache_read_input_tokens": 6,
+            "cache_creation_input_tokens": 0,
         },
         {
             "day": "2026-03-01",
@@ -138,6 +148,8 @@ def report() -> dict[str, object]:
             "output_tokens": 1,
             "credits_charged": 1,
             "cost_usd": "0.00003",
+            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": 4,
         },
     ]
     totals = {
@@ -146,6 +158,8 @@ def report() -> dict[str, object]:
         "output_tokens": 5,
         "credits_charged": 3,
         "cost_usd": "0.0001",
+        "cache_read_input_tokens": 6,
+        "cache_creation_input_tokens": 4,
     }
     return {
         "start": "2026-03-01T00:00:00Z",
@@ -170,6 +184,8 @@ def test_api_and_cli_write_the_same_csv() -> None:
         "output_tokens": "4",
         "credits_charged": "2",
         "cost_usd": "0.00007",
+        "cache_read_input_tokens": "6",
+        "cache_creation_input_tokens": "0",
     }
 
 

@@ -24,6 +24,7 @@ def create_backend(name: BackendName, model_path: Path, options: BackendOptions)
             kv_budget_bytes=options.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES,
             prefill_chunk_tokens=options.prefill_chunk_tokens or DEFAULT_PREFILL_CHUNK_TOKENS,
             background_reserve=options.reserve_rows(),
+            prefix_cache_bytes=options.prefix_cache_bytes,
         )
     if name == "echo":
         from workers.backends.echo import EchoBackend

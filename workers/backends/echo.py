@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from workers.backends.seam import (
     BackendOptions,
+    CacheUse,
     EngineStats,
     Failed,
     Finished,
@@ -88,6 +89,7 @@ class EchoBackend:
                 raise ValueError(f"request {submission.request_id} is already running")
             self._live[submission.request_id] = echo
             self._order.append(submission.request_id)
+            generation._put(CacheUse(0, 0))  # no prompt cache here
             self._cond.notify_all()
         return generation
 

@@ -11,6 +11,7 @@ Kept free of torch, so the worker process, whose engines run in child processes,
 
 import contextlib
 import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -50,7 +51,17 @@ class Failed:
     error_type: ErrorType = API_ERROR
 
 
-EngineEvent = TextChunk | Finished | Failed
+@dataclass
+class CacheUse:
+    """What the prompt cache did for a request, known as soon as it is submitted: prompt
+    tokens whose cached KV it reuses, and tokens whose KV it will store for later requests.
+    Not queued with the other events: `Generation.cache_use` holds it."""
+
+    read_tokens: int
+    write_tokens: int
+
+
+EngineEvent = TextChunk | Finished | Failed | CacheUse
 
 
 def is_terminal(event: EngineEvent) -> bool:
@@ -66,9 +77,24 @@ class Generation:
         # Filled by an in-process engine only (an engine in a child process sends text).
         self.token_ids: list[int] = []
         self._events: queue.SimpleQueue[EngineEvent] = queue.SimpleQueue()
+        # The prompt cache's answer (backends that cache put one at submit), or None.
+        self.cache_use: CacheUse | None = None
+        self._cache_known = threading.Event()
 
     def _put(self, event: EngineEvent) -> None:
+        if isinstance(event, CacheUse):
+            self.cache_use = event
+            self._cache_known.set()
+            return
+        if is_terminal(event):
+            self._cache_known.set()
         self._events.put(event)
+
+    def wait_cache_use(self, timeout: float) -> CacheUse | None:
+        """The prompt cache's answer, waiting up to `timeout` s; None if it has none (the
+        request failed first, or the backend does not cache)."""
+        self._cache_known.wait(timeout)
+        return self.cache_use
 
     def get(self, timeout: float | None = None) -> EngineEvent | None:
         """The next event, waiting up to `timeout` seconds (None: forever); None on timeout."""
@@ -115,6 +141,15 @@ class EngineStats:
     kv_reserved_tokens: int = 0  # slots the running sequences may grow into (admission counts it)
     kv_budget_tokens: int = 0  # the backend's KV budget, in tokens
     kv_bytes_per_token: int = 0  # keys and values of one token, all layers
+    # The prompt cache (prefix KV kept between requests): lookups made, lookups that reused
+    # a prefix, prompt tokens reused and stored, blocks evicted, bytes held and allowed.
+    prefix_lookups: int = 0
+    prefix_hits: int = 0
+    prefix_read_tokens: int = 0
+    prefix_stored_tokens: int = 0
+    prefix_evictions: int = 0
+    prefix_bytes: int = 0
+    prefix_budget_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,6 +182,9 @@ class Submission:
     # A Message Batch request: taken only when no other request waits, and never into the
     # last `BackendOptions.background_reserve` rows of the batch.
     background: bool = False
+    # Prompt caching: the KV of the prompt's first tokens, up to this many, may be read from
+    # and stored in the backend's prompt cache (0: neither).
+    cache_prefix_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -167,6 +205,8 @@ class BackendOptions:
         if self.background_reserve is not None:
             return min(self.background_reserve, self.max_batch - 1)
         return max(1, self.max_batch // 4) if self.max_batch > 1 else 0
+
+    prefix_cache_bytes: int = 0  # memory for the prompt cache (0: no prompt caching)
 
 
 class Backend(Protocol):

@@ -25,6 +25,7 @@ from contract.errors import INVALID_REQUEST
 from contract.jobs import SamplingParams
 from contract.rendering import PromptRenderer
 from workers.backends.seam import (
+    CacheUse,
     EngineStats,
     Failed,
     Finished,
@@ -41,7 +42,14 @@ from workers.backends.transformers.constrained import (
     RowGrammars,
     accept,
 )
-from workers.backends.transformers.kv_batch import KV, BatchCache, kv_bytes_per_token, layers_of
+from workers.backends.transformers.kv_batch import (
+    KV,
+    BatchCache,
+    kv_bytes_per_token,
+    layers_of,
+    make_cache,
+)
+from workers.backends.transformers.prefix_cache import DEFAULT_BLOCK_TOKENS, Plan, PrefixCache
 from workers.backends.transformers.sampling import make_generator, sample_next
 
 log = logging.getLogger(__name__)
@@ -72,6 +80,13 @@ class _Sequence:
     owner: str  # whose request (its account): admission is fair between owners
     matcher: Matcher | None = None  # its output grammar, if constrained (constrained.py)
     background: bool = False  # a Message Batch request: after every other, never the reserve
+    # Prompt cache: the blocks it reads (pinned until it ends) and will store.
+    cache: Plan | None = None
+
+    @property
+    def cached(self) -> int:
+        """Prompt tokens whose KV comes from the prompt cache (not prefilled)."""
+        return self.cache.read_tokens if self.cache is not None else 0
 
 
 class _Batch:
@@ -110,6 +125,8 @@ class TransformersEngine:
         kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
         background_reserve: int = 0,
+        prefix_cache_bytes: int = 0,
+        prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS,
     ) -> None:
         self.model_path = Path(model_path)
         self.max_batch = max_batch
@@ -144,6 +161,9 @@ class TransformersEngine:
         self.pad_token_id: int = pad if isinstance(pad, int) else min(self.eos_token_ids, default=0)
         self.kv_bytes_per_token = kv_bytes_per_token(config, dtype)
         self.kv_budget_tokens = max(1, kv_budget_bytes // self.kv_bytes_per_token)
+        self.prefix_cache = PrefixCache(
+            prefix_cache_bytes, self.kv_bytes_per_token, prefix_block_tokens
+        )
         params = inspect.signature(self.model.forward).parameters
         # transformers 5 renamed past_key_values to cache; accept either spelling.
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -234,6 +254,9 @@ class TransformersEngine:
         with self._cond:
             if request_id in self._live:
                 raise ValueError(f"request {request_id} is already running")
+            # Looked up now, so the worker can say what it found before anything is decoded.
+            seq.cache = self.prefix_cache.plan(seq.prompt, submission.cache_prefix_tokens)
+            generation._put(CacheUse(seq.cache.read_tokens, seq.cache.write_tokens))
             self._live[request_id] = seq
             self._waiting.append(seq)
             self._cond.notify_all()
@@ -266,6 +289,7 @@ class TransformersEngine:
                     ),
                     "kv_budget_tokens": self.kv_budget_tokens,
                     "kv_bytes_per_token": self.kv_bytes_per_token,
+                    **_prefix_stats(self.prefix_cache),
                 }
             )
 
@@ -354,7 +378,7 @@ class TransformersEngine:
             # flooding account's to end (docs/architecture.md, "Queueing").
             if rows >= self.max_batch and (running[seq.owner] or rows >= self.hard_max_batch):
                 break
-            cost = min(len(seq.prompt), self.prefill_chunk_tokens)  # this step's share
+            cost = min(len(seq.prompt) - seq.cached, self.prefill_chunk_tokens)  # its share now
             if admitted and cost > budget:
                 break
             if rows and (rows + 1) * max(width, seq.reserve) > self.kv_budget_tokens:
@@ -387,10 +411,15 @@ class TransformersEngine:
         batched forward fails, each newcomer is retried alone, so a bad one fails by itself.
         Prompts longer than a chunk are left to `_prefill_chunk`, one chunk per step.
         """
-        chunked = [s for s in admitted if len(s.prompt) > self.prefill_chunk_tokens]
+        chunked = [s for s in admitted if len(s.prompt) - s.cached > self.prefill_chunk_tokens]
         if chunked:
-            self._prefilling += [PartialPrefill(s) for s in chunked]
-            admitted = [s for s in admitted if len(s.prompt) <= self.prefill_chunk_tokens]
+            self._prefilling += [self._partial(s) for s in chunked]
+            long_ones = {id(s) for s in chunked}
+            admitted = [s for s in admitted if id(s) not in long_ones]
+        hits = [seq for seq in admitted if seq.cached]
+        if hits:  # each starts from its own cached prefix: prefilled alone
+            self._prefill_each(hits)
+            admitted = [seq for seq in admitted if not seq.cached]
         if len(admitted) <= 1:
             self._prefill_each(admitted)
             return
@@ -404,6 +433,9 @@ class TransformersEngine:
             log.exception("batched prefill of %d requests failed; one at a time", len(admitted))
             self._prefill_each(admitted)
             return
+        layers = layers_of(cache)
+        for row, seq in enumerate(admitted):
+            self._remember(seq, [(k[row : row + 1], v[row : row + 1]) for k, v in layers], mask)
         rows = [
             i
             for i, (s, t) in enumerate(zip(admitted, tokens, strict=True))
@@ -431,10 +463,8 @@ class TransformersEngine:
         joined: list[_Sequence] = []
         caches: list[DynamicCache] = []
         for seq in admitted:
-            cache = DynamicCache()
             try:
-                ids = torch.tensor([seq.prompt], device=self.device)
-                logits = self._forward(ids, None, None, cache)
+                logits, cache = self._prefill_one(seq)
                 self.grammars.mask(logits, [seq.matcher])
                 token = sample_next(logits, [seq.params], [seq.generator])[0]
             except Exception as exc:  # one bad request (or OOM) must not stop the engine
@@ -446,6 +476,14 @@ class TransformersEngine:
                 caches.append(cache)
         if joined:
             self._batch.join(joined, caches)
+
+    def _partial(self, seq: _Sequence) -> "PartialPrefill":
+        """A long prompt's chunked prefill, starting after its cached prefix (if any)."""
+        if seq.cached and seq.cache is not None:
+            layers = self.prefix_cache.kv(seq.cache)
+            cache = make_cache([(k.to(self.device), v.to(self.device)) for k, v in layers])
+            return PartialPrefill(seq, cache, seq.cached)
+        return PartialPrefill(seq)
 
     def _prefill_chunk(self) -> list[_Sequence]:
         """Prefills the next chunk of the first long prompt; after its last chunk it samples
@@ -461,6 +499,7 @@ class TransformersEngine:
             if end < len(seq.prompt):
                 return []
             self._prefilling.popleft()
+            self._remember(seq, layers_of(partial.cache), None)
             self.grammars.mask(logits, [seq.matcher])
             token = sample_next(logits, [seq.params], [seq.generator])[0]
         except Exception as exc:  # one bad request (or OOM) must not stop the engine
@@ -472,6 +511,29 @@ class TransformersEngine:
         if not self._accept(seq, token):
             self._batch.join([seq], [partial.cache])
         return [seq]
+
+    def _prefill_one(self, seq: _Sequence) -> tuple[torch.Tensor, DynamicCache]:
+        """Prefills one prompt after its cached prefix (if any); stores what it should."""
+        start = seq.cached
+        cache = DynamicCache()
+        positions = None
+        if start and seq.cache is not None:
+            cache = make_cache(
+                [(k.to(self.device), v.to(self.device)) for k, v in self.prefix_cache.kv(seq.cache)]
+            )
+            positions = torch.arange(start, len(seq.prompt), device=self.device)[None, :]
+        ids = torch.tensor([seq.prompt[start:]], device=self.device)
+        logits = self._forward(ids, None, positions, cache)
+        self._remember(seq, layers_of(cache), None)
+        return logits, cache
+
+    def _remember(self, seq: _Sequence, layers: list[KV], mask: torch.Tensor | None) -> None:
+        """Stores the blocks of the prompt's KV that the sequence's cache plan writes. `layers`
+        hold one row; with `mask`, of a left-padded batch (the prompt ends at its end)."""
+        if seq.cache is None or not seq.cache.write:
+            return
+        start = layers[0][0].shape[-2] - len(seq.prompt) if mask is not None else 0
+        self.prefix_cache.store(seq.cache, layers, start)
 
     def _decode_step(self) -> None:
         batch = self._batch
@@ -566,6 +628,9 @@ class TransformersEngine:
 
     def _publish_finals(self) -> None:
         finals, self._finals = self._finals, []
+        for seq, _ in finals:
+            if seq.cache is not None:  # its blocks may be evicted again
+                self.prefix_cache.release(seq.cache)
         with self._cond:
             for seq, event in finals:
                 self._live.pop(seq.generation.request_id, None)
@@ -591,6 +656,19 @@ class PartialPrefill:
     seq: _Sequence
     cache: DynamicCache = field(default_factory=DynamicCache)
     done: int = 0  # prompt tokens in `cache`
+
+
+def _prefix_stats(cache: PrefixCache) -> dict[str, int]:
+    stats = cache.stats()
+    return {
+        "prefix_lookups": stats.lookups,
+        "prefix_hits": stats.hits,
+        "prefix_read_tokens": stats.read_tokens,
+        "prefix_stored_tokens": stats.stored_tokens,
+        "prefix_evictions": stats.evictions,
+        "prefix_bytes": stats.bytes,
+        "prefix_budget_bytes": stats.budget_bytes,
+    }
 
 
 def _reserved(seqs: list[_Sequence]) -> int:
