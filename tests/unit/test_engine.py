@@ -213,7 +213,7 @@ def test_top_k_1_equals_greedy(engine: TransformersEngine) -> None:
 
 @pytest.mark.parametrize(
     ("ids", "message"),
-    [([], "empty"), ([1] * 5000, "context window"), ([1, 99_999], "vocabulary")],
+    [([], "empty"), ([1] * 70_000, "context window"), ([1, 99_999], "vocabulary")],
 )
 def test_bad_prompts_fail_without_running(
     engine: TransformersEngine, ids: list[int], message: str
