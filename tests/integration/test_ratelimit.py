@@ -168,7 +168,7 @@ def test_headers_on_every_messages_response(stack: Stack, make_account: AccountF
     not_found = send(stack.base_url, key, model="no-such-model")
     assert not_found.status_code == 404
     assert_rate_headers(not_found)
-    too_long = send(stack.base_url, key, messages=[{"role": "user", "content": "hi " * 3000}])
+    too_long = send(stack.base_url, key, messages=[{"role": "user", "content": "hi " * 70_000}])
     assert too_long.status_code == 400
     assert_rate_headers(too_long)
     # Refusals before the limit is charged do not spend it.
