@@ -14,7 +14,7 @@ import anyio
 import redis.asyncio as aioredis
 from celery import Celery
 
-from api.errors import OverloadedError
+from api.errors import NotFoundError, OverloadedError
 from api.prefix_route import PrefixRouter
 from api.relay import EventHub
 from api.settings import ApiSettings
@@ -79,7 +79,11 @@ class Platform:
             log.exception("could not cancel %s", request_id)
 
     def renderer(self, spec: ModelSpec) -> PromptRenderer:
-        return get_renderer(Path(spec.path(self.settings.models_dir)))
+        folder = Path(spec.path(self.settings.models_dir))
+        if not (folder / "tokenizer.json").is_file():
+            # In the catalogue, but never prepared here (no worker of this deployment serves it).
+            raise NotFoundError(f"model: {spec.id} is not available on this deployment")
+        return get_renderer(folder)
 
     def watch_for_shutdown(self) -> None:
         """Chain onto the server's SIGTERM/SIGINT handlers (installed before startup)."""

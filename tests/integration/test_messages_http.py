@@ -4,6 +4,7 @@ import json
 
 import httpx
 
+from contract.catalog import DEFAULT_MODEL_ID
 from infra.launcher.stack import Stack
 from tests.conftest import ApiAccount
 from tests.support import STACK_MODEL
@@ -112,3 +113,14 @@ def test_unknown_route_is_404_envelope(http: httpx.Client) -> None:
     response = http.get("/v1/nothing-here")
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "not_found_error"
+
+
+def test_a_catalogue_model_this_deployment_never_prepared_is_a_404(http: httpx.Client) -> None:
+    # The test stack's workers serve abl-tiny alone: the default model's folder was never made.
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        response = http.post(path, json={**BODY, "model": DEFAULT_MODEL_ID})
+        assert response.status_code == 404, response.text
+        assert response.json()["error"] == {
+            "type": "not_found_error",
+            "message": f"model: {DEFAULT_MODEL_ID} is not available on this deployment",
+        }
