@@ -1,8 +1,10 @@
 """The model engine: one model, continuous batching, streamed events per request.
 
 One stepping thread owns the model. Each step it drops cancelled sequences, prefills newly
-submitted ones (together, in one left-padded forward), then runs one batched forward for
-every active sequence. The batch shares one left-padded KV cache (`kv_batch`); sequences join
+submitted ones (together, in one left-padded forward; a prompt longer than
+`prefill_chunk_tokens` one chunk per step instead), then runs one batched forward for every
+active sequence. A constrained sequence (forced tool call, structured output) has a grammar
+matcher that masks its row's logits before sampling (`constrained`). The batch shares one left-padded KV cache (`kv_batch`); sequences join
 and leave it between steps. No Celery or Redis here: callers submit token ids and read events
 from the returned `Generation`. A worker runs it in a child process of its own
 (`workers.engine_process`); tests and the benchmarks' baselines run it in-process.
