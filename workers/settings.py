@@ -23,8 +23,9 @@ class WorkerSettings(CoreSettings):
     # torch threads of each engine on CPU; unset: one fewer than the cores this process may use.
     torch_threads: int | None = Field(default=None, ge=1)
     # Prompts longer than this many tokens are prefilled this many per engine step, the running
-    # batch decoding between chunks (a 20k-token prompt does not stall everyone else's tokens).
-    prefill_chunk_tokens: int = Field(default=2048, ge=16)
+    # batch decoding between chunks (a 20k-token prompt does not stall everyone else's tokens);
+    # unset: 512 on CPU, 2048 on a GPU.
+    prefill_chunk_tokens: int | None = Field(default=None, ge=16)
     # Least time between two text deltas of one request; its first text goes out at once.
     # Fewer, larger messages through Redis, the API and SSE (workers/pump.py). 0: every step.
     delta_interval_ms: float = Field(default=20.0, ge=0)
