@@ -35,8 +35,9 @@ class WorkerSettings(CoreSettings):
     # torch threads of each engine on CPU; unset: one fewer than the cores this process may use.
     torch_threads: int | None = Field(default=None, ge=1)
     # Prompts longer than this many tokens are prefilled this many per engine step, the running
-    # batch decoding between chunks (a 20k-token prompt does not stall everyone else's tokens).
-    prefill_chunk_tokens: int = Field(default=2048, ge=16)
+    # batch decoding between chunks (a 20k-token prompt does not stall everyone else's tokens);
+    # unset: 512 on CPU, 2048 on a GPU.
+    prefill_chunk_tokens: int | None = Field(default=None, ge=16)
     # Memory for the prompt cache: the KV of prompt prefixes kept between requests (evicted
     # least recently used, never while a running request uses it). 0: no prompt caching.
     prefix_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)

@@ -13,7 +13,6 @@ def create_backend(name: BackendName, model_path: Path, options: BackendOptions)
     if name == "transformers":
         from workers.backends.transformers.engine import (
             DEFAULT_KV_BUDGET_BYTES,
-            DEFAULT_PREFILL_CHUNK_TOKENS,
             TransformersEngine,
         )
 
@@ -22,7 +21,7 @@ def create_backend(name: BackendName, model_path: Path, options: BackendOptions)
             max_batch=options.max_batch,
             num_threads=options.num_threads,
             kv_budget_bytes=options.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES,
-            prefill_chunk_tokens=options.prefill_chunk_tokens or DEFAULT_PREFILL_CHUNK_TOKENS,
+            prefill_chunk_tokens=options.prefill_chunk_tokens,
             background_reserve=options.reserve_rows(),
             prefix_cache_bytes=options.prefix_cache_bytes,
         )

@@ -1,11 +1,14 @@
 """The model engine: one model, continuous batching, streamed events per request.
 
 One stepping thread owns the model. Each step it drops cancelled sequences, prefills newly
-submitted ones (together, in one left-padded forward), then runs one batched forward for
-every active sequence. The batch shares one left-padded KV cache (`kv_batch`); sequences join
-and leave it between steps. No Celery or Redis here: callers submit token ids and read events
-from the returned `Generation`. A worker runs it in a child process of its own
-(`workers.engine_process`); tests and the benchmarks' baselines run it in-process.
+submitted ones (together, in one left-padded forward; a prompt longer than
+`prefill_chunk_tokens` one chunk per step instead), then runs one batched forward for every
+active sequence. A constrained sequence (forced tool call, structured output) has a grammar
+matcher that masks its row's logits before sampling (`constrained`). The batch shares one
+left-padded KV cache (`kv_batch`); sequences join and leave it between steps. No Celery or
+Redis here: callers submit token ids and read events from the returned `Generation`. A worker
+runs it in a child process of its own (`workers.engine_process`); tests and the benchmarks'
+baselines run it in-process.
 """
 
 import inspect
@@ -59,8 +62,9 @@ log = logging.getLogger(__name__)
 PREFILL_TOKENS_PER_STEP = 4096
 # A prompt longer than this is prefilled this many tokens per step (ABL_PREFILL_CHUNK_TOKENS),
 # the running batch decoding between chunks: a 20k-token prompt does not stop everyone's tokens
-# for the whole of its prefill.
-DEFAULT_PREFILL_CHUNK_TOKENS = 2048
+# for the whole of its prefill. On 2 CPU cores a 512-token chunk late in a 16k prompt takes
+# ~1.3 s (2048: ~5 s); a GPU does 2048 in milliseconds (docs/benchmarks.md).
+DEFAULT_PREFILL_CHUNK_TOKENS = {"cpu": 512, "cuda": 2048}
 # Most bytes the running batch's KV cache may reserve: fits a 2-core, 8 GB laptop beside the
 # default model (~1.1 GB resident), the API, Postgres and Redis.
 DEFAULT_KV_BUDGET_BYTES = 1536 * 1024 * 1024
@@ -123,19 +127,20 @@ class TransformersEngine:
         max_context: int | None = None,
         num_threads: int | None = None,
         kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
-        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+        prefill_chunk_tokens: int | None = None,
         background_reserve: int = 0,
         prefix_cache_bytes: int = 0,
         prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS,
     ) -> None:
         self.model_path = Path(model_path)
         self.max_batch = max_batch
-        self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
         # Rows a full batch may still take for owners with nothing running.
         self.hard_max_batch = max_batch + max(1, max_batch // 4)
         # Rows background requests leave free for interactive ones.
         self.background_rows = max(1, max_batch - background_reserve)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        default_chunk = DEFAULT_PREFILL_CHUNK_TOKENS.get(self.device.type, 2048)
+        self.prefill_chunk_tokens = max(1, prefill_chunk_tokens or default_chunk)
         if self.device.type == "cpu":
             # torch defaults to every physical core; a container may be allowed fewer. One core
             # is left to the rest of the process and to whatever runs beside it (the API,
