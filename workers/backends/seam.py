@@ -121,8 +121,8 @@ class Submission:
     sampling: SamplingParams
     # Whose request it is (the account): backends share their batch fairly between owners.
     owner: str | None = None
-    # A Message Batch request: taken only when no other request waits, and never into the
-    # last `BackendOptions.background_reserve` rows of the batch.
+    # A Message Batch request: started only when no other request runs or waits, and never
+    # into the last `BackendOptions.background_reserve` rows of the batch.
     background: bool = False
 
 

@@ -299,11 +299,15 @@ class TransformersEngine:
         rows = len(self._batch.seqs)
         width = max((s.reserve for s in self._batch.seqs), default=0)
         running = Counter(s.owner for s in self._batch.seqs)
+        interactive = any(not s.background for s in self._batch.seqs)
         while self._waiting:
-            # Interactive first; of those, the first of the least served owner.
+            # Interactive first; of those, the first of the least served owner. A background
+            # request starts only in idle capacity: no interactive request running (each row
+            # slows every step on a CPU), and never into the reserve rows.
             seq = min(self._waiting, key=lambda s: (s.background, running[s.owner]))
-            if seq.background and rows >= self.background_rows:
+            if seq.background and (interactive or rows >= self.background_rows):
                 break
+            interactive = interactive or not seq.background
             # A full batch still takes a request whose owner has nothing running, up to
             # `fair_extra` rows more: another account's first request does not wait for a
             # flooding account's to end (docs/architecture.md, "Queueing").
