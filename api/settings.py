@@ -125,6 +125,9 @@ class ApiSettings(CoreSettings):
     batch_dispatch_interval_s: float = Field(default=0.5, gt=0)
     # Batch requests in flight per model at most, all replicas together.
     batch_in_flight_per_model: int = Field(default=64, ge=1)
+    # A batch request still queued this long after its dispatch while no job waits in its
+    # lane lost its job (its worker died before claiming it): it is dispatched again.
+    batch_lost_after_s: float = Field(default=15.0, gt=0)
     # Runs of a batch request whose worker died (or that failed on our side) before it errors.
     batch_max_attempts: int = Field(default=3, ge=1)
     # Automatic prompt caching: a request without cache_control breakpoints is cached as if it

@@ -383,7 +383,15 @@ def retry_orphans(session: Session, max_attempts: int, limit: int = 500) -> list
         )
         attempts = orphan.attempts + (1 if orphan.started else 0)
         values: dict[str, Any]
-        if orphan.expired:
+        if orphan.request_status == "succeeded":
+            # Charged, but its answer was not stored with it (a request settled by something
+            # other than its worker): never run again, which would charge it twice.
+            values = {
+                "status": "errored",
+                "result": _json({"type": "api_error", "message": "the answer was lost"}),
+                "ended_at": func.now(),
+            }
+        elif orphan.expired:
             values = {"status": "expired", "ended_at": func.now()}
         elif orphan.batch_status != "in_progress" or orphan.request_status == "cancelled":
             values = {"status": "canceled", "ended_at": func.now()}
@@ -399,6 +407,22 @@ def retry_orphans(session: Session, max_attempts: int, limit: int = 500) -> list
             values = {"status": "pending", "attempts": attempts}
         session.execute(update(BatchRequest).where(where).values(**values))
     return orphans
+
+
+def queued_since(session: Session, older_than: timedelta) -> list[tuple[str, str]]:
+    """(request id, model) of dispatched requests still queued `older_than` after their
+    dispatch: lost if no job waits in their lane (a worker took the job and died before its
+    claim; the broker gives it back only after its visibility timeout)."""
+    rows = session.execute(
+        select(Request.id, Request.model)
+        .join(BatchRequest, BatchRequest.request_id == Request.id)
+        .where(
+            BatchRequest.status == "dispatched",
+            Request.status == "queued",
+            Request.created_at < func.now() - older_than,
+        )
+    )
+    return [(request_id, model) for request_id, model in rows]
 
 
 def expire_batches(session: Session) -> list[str]:

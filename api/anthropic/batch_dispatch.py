@@ -1,7 +1,9 @@
 """The batch dispatcher: moves Message Batch requests from Postgres to the workers' batch lanes.
 
 Every API replica runs one (ABL_BATCH_DISPATCH); each pass, in short transactions:
-1. requests whose worker died (or that never left the queue) go back to pending, up to
+1. requests whose worker died (or that never left the queue: still queued
+   ABL_BATCH_LOST_AFTER_S after dispatch while no job waits in their lane, they are settled
+   as failed first) go back to pending, up to
    ABL_BATCH_MAX_ATTEMPTS runs (`db.batches.retry_orphans`): batch requests are retried,
    interactive ones are not;
 2. batches past their expiry: pending requests end `expired`, running ones are stopped;
@@ -75,6 +77,8 @@ class Pass:
 
     jobs: dict[str, list[GenerateJob]] = field(default_factory=lambda: defaultdict(list))
     stop: list[str] = field(default_factory=list)
+    # Dispatched requests still queued after ABL_BATCH_LOST_AFTER_S, by their model's lane.
+    stale: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     retried: int = 0
     ended: int = 0
 
@@ -100,6 +104,10 @@ class BatchDispatcher:
         done = await run_in_threadpool(self._pass)
         for request_id in done.stop:
             await self.platform.cancel(request_id)
+        for lane, request_ids in done.stale.items():
+            if await self.platform.redis.llen(lane) == 0:  # their jobs are not waiting: lost
+                for request_id in request_ids:
+                    await self.platform.abandon(request_id, "its job was lost before a claim")
         for queue, jobs in done.jobs.items():
             await self.platform.tasks.push_many(
                 TASK_GENERATE, [[j.model_dump(mode="json")] for j in jobs], queue=queue
@@ -114,6 +122,11 @@ class BatchDispatcher:
             done.retried = sum(1 for o in orphans if o.request_status == "failed")
         with transaction(url) as session:
             done.stop = db.expire_batches(session)
+            lost_after = timedelta(seconds=self.settings.batch_lost_after_s)
+            for request_id, model in db.queued_since(session, lost_after):
+                spec = self.platform.catalog.get(model)
+                if spec is not None:
+                    done.stale[batch_lane(spec.queue)].append(request_id)
         with transaction(url) as session:
             if db.lock_dispatch(session):
                 self._dispatch(session, done)

@@ -121,7 +121,11 @@ def test_batch_problems_are_400s(client: anthropic.Anthropic, http: httpx.Client
 
 
 def test_only_the_owner_sees_a_batch(
-    client: anthropic.Anthropic, stack: Stack, make_account: AccountFactory
+    client: anthropic.Anthropic,
+    stack: Stack,
+    make_account: AccountFactory,
+    account: ApiAccount,
+    admin: httpx.Client,
 ) -> None:
     created = client.messages.batches.create(requests=[item("one")])  # type: ignore[list-item]
     other = make_account()
@@ -134,9 +138,10 @@ def test_only_the_owner_sees_a_batch(
     with pytest.raises(anthropic.NotFoundError):
         stranger.messages.batches.delete(created.id)
     wait_ended(client, created.id)
+    assert_books_straight(admin, account.id)
 
 
-def test_list_pages(client: anthropic.Anthropic) -> None:
+def test_list_pages(client: anthropic.Anthropic, account: ApiAccount, admin: httpx.Client) -> None:
     ids = [client.messages.batches.create(requests=[item("x")]).id for _ in range(3)]  # type: ignore[list-item]
     first = client.messages.batches.list(limit=2)
     assert [b.id for b in first.data] == ids[::-1][:2] and first.has_more
@@ -147,6 +152,7 @@ def test_list_pages(client: anthropic.Anthropic) -> None:
     assert [b.id for b in back.data] == [ids[2], ids[1]]
     for batch_id in ids:
         wait_ended(client, batch_id)
+    assert_books_straight(admin, account.id)
 
 
 def test_cancel_ends_pending_requests_canceled(
@@ -219,11 +225,12 @@ def test_expired_then_archived(
     assert archived
     batch = client.messages.batches.retrieve(batch_id)
     assert batch.results_url is None and batch.request_counts.expired == 3
-    response = admin.get("/admin/reconcile")
-    assert response.json()["ok"]
+    assert_books_straight(admin, account.id)
 
 
-def test_params_holding_nul_characters_are_stored(client: anthropic.Anthropic) -> None:
+def test_params_holding_nul_characters_are_stored(
+    client: anthropic.Anthropic, account: ApiAccount, admin: httpx.Client
+) -> None:
     """jsonb refuses \\u0000; the params are kept as JSON text, so such a request still runs."""
     odd = item("nul", "a\u0000b")
     odd["params"]["\u0000"] = None  # type: ignore[index]
@@ -231,3 +238,4 @@ def test_params_holding_nul_characters_are_stored(client: anthropic.Anthropic) -
     wait_ended(client, created.id)
     (line,) = list(client.messages.batches.results(created.id))
     assert line.custom_id == "nul" and line.result.type == "succeeded"
+    assert_books_straight(admin, account.id)

@@ -1,5 +1,5 @@
-"""Background (Message Batch) requests: taken only when no interactive request waits, and
-never into the batch's last `background_reserve` rows."""
+"""Background (Message Batch) requests: started only when no interactive request runs or waits,
+and never into the batch's last `background_reserve` rows."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,3 +70,20 @@ def test_the_reserve_defaults_to_a_quarter_of_the_batch() -> None:
     assert BackendOptions(max_batch=2).reserve_rows() == 1
     assert BackendOptions(max_batch=1).reserve_rows() == 0
     assert BackendOptions(max_batch=8, background_reserve=20).reserve_rows() == 7
+
+
+def test_background_requests_wait_while_an_interactive_one_runs(
+    engine: TransformersEngine,
+) -> None:
+    (interactive,) = submit(engine, "user", 1, max_tokens=400, background=False)
+    engine.start()
+    wait_for(lambda: engine.stats.active == 1, timeout=30, interval=0.01)
+    batch = submit(engine, "batch", 2, max_tokens=4, background=True)
+    steps = engine.stats.steps
+    wait_for(lambda: engine.stats.steps >= steps + 5, timeout=30, interval=0.01)
+    assert (engine.stats.active, engine.stats.waiting) == (1, 2)
+    engine.cancel(interactive.request_id)
+    collect(interactive)
+    for generation in batch:  # idle again: they run
+        collect(generation)
+    assert engine.stats.finished >= 2

@@ -179,8 +179,8 @@ class Submission:
     owner: str | None = None
     # A grammar the output must follow; None: free text.
     constraint: Constraint | None = None
-    # A Message Batch request: taken only when no other request waits, and never into the
-    # last `BackendOptions.background_reserve` rows of the batch.
+    # A Message Batch request: started only when no other request runs or waits, and never
+    # into the last `BackendOptions.background_reserve` rows of the batch.
     background: bool = False
     # Prompt caching: the KV of the prompt's first tokens, up to this many, may be read from
     # and stored in the backend's prompt cache (0: neither).

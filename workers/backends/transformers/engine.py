@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +66,10 @@ PREFILL_TOKENS_PER_STEP = 4096
 # for the whole of its prefill. On 2 CPU cores a 512-token chunk late in a 16k prompt takes
 # ~1.3 s (2048: ~5 s); a GPU does 2048 in milliseconds (docs/benchmarks.md).
 DEFAULT_PREFILL_CHUNK_TOKENS = {"cpu": 512, "cuda": 2048}
+
+# After an interactive request, how long no background (Message Batch) request starts: a
+# client's next request is usually on its way (docs/batches.md).
+BACKGROUND_LINGER_S = 0.2
 # Most bytes the running batch's KV cache may reserve: fits a 2-core, 8 GB laptop beside the
 # default model (~1.1 GB resident), the API, Postgres and Redis.
 DEFAULT_KV_BUDGET_BYTES = 1536 * 1024 * 1024
@@ -138,6 +143,7 @@ class TransformersEngine:
         self.hard_max_batch = max_batch + max(1, max_batch // 4)
         # Rows background requests leave free for interactive ones.
         self.background_rows = max(1, max_batch - background_reserve)
+        self._interactive_at = -BACKGROUND_LINGER_S  # when an interactive request last ran
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         default_chunk = DEFAULT_PREFILL_CHUNK_TOKENS.get(self.device.type, 2048)
         self.prefill_chunk_tokens = max(1, prefill_chunk_tokens or default_chunk)
@@ -321,6 +327,10 @@ class TransformersEngine:
                         return
                     cancels, self._cancel = self._cancel, set()
                     admitted = self._admit(cancels)
+                    if not (admitted or self._batch.seqs or cancels):
+                        # Only background requests wait, for idle capacity: not a busy loop.
+                        self._cond.wait(BACKGROUND_LINGER_S)
+                        continue
                 try:
                     self._step(cancels, admitted)
                 except Exception as exc:  # a bug here must not leave every caller waiting forever
@@ -373,11 +383,24 @@ class TransformersEngine:
         rows = len(active)
         width = max((s.reserve for s in active), default=0)
         running = Counter(s.owner for s in active)
+        now = time.monotonic()
+        interactive = any(not s.background for s in active)
+        if interactive:
+            self._interactive_at = now
         while self._waiting:
-            # Interactive first; of those, the first of the least served owner.
+            # Interactive first; of those, the first of the least served owner. A background
+            # request starts only in idle capacity: no interactive request running (each row
+            # slows every step on a CPU) nor for BACKGROUND_LINGER_S (a client's next request
+            # is on its way), and never into the reserve rows.
             seq = min(self._waiting, key=lambda s: (s.background, running[s.owner]))
-            if seq.background and rows >= self.background_rows:
+            if seq.background and (
+                interactive
+                or rows >= self.background_rows
+                or now - self._interactive_at < BACKGROUND_LINGER_S
+            ):
                 break
+            if not seq.background:
+                interactive, self._interactive_at = True, now
             # A full batch still takes a request whose owner has nothing running, up to
             # `fair_extra` rows more: another account's first request does not wait for a
             # flooding account's to end (docs/architecture.md, "Queueing").
