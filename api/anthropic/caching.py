@@ -54,13 +54,14 @@ def truncated(body: ConversationRequest, mark: Breakpoint) -> ConversationReques
 
 
 def _prefix_tokens(
-    platform: Platform, spec: ModelSpec, body: ConversationRequest, ids: list[int]
+    platform: Platform,
+    spec: ModelSpec,
+    body: ConversationRequest,
+    ids: list[int],
+    marks: list[Breakpoint],
 ) -> int:
-    marks = body.cache_breakpoints()
-    if not marks:
-        return len(ids) if platform.settings.auto_prompt_cache else 0
-    cut = truncated(body, marks[-1])
-    if cut is None:
+    cut = truncated(body, marks[-1]) if marks else None
+    if cut is None:  # a top-level mark, or automatic caching: the whole prompt
         return len(ids)
     try:
         cut_ids = platform.renderer(spec).prompt(conversation_of(cut)).ids
@@ -73,10 +74,11 @@ async def cacheable_tokens(
     platform: Platform, spec: ModelSpec, body: ConversationRequest, ids: list[int]
 ) -> int:
     """The prompt's first tokens that may be read from and written to the prompt cache."""
-    if not body.cache_breakpoints() and not platform.settings.auto_prompt_cache:
+    marks = body.cache_breakpoints()
+    if not marks and not platform.settings.auto_prompt_cache:
         return 0
-    if body.cache_breakpoints() and body.cache_breakpoints()[-1].section != "end":
-        prefix = await run_in_threadpool(_prefix_tokens, platform, spec, body, ids)
+    if marks and marks[-1].section != "end":  # one more render and tokenization
+        prefix = await run_in_threadpool(_prefix_tokens, platform, spec, body, ids, marks)
     else:
-        prefix = _prefix_tokens(platform, spec, body, ids)
+        prefix = _prefix_tokens(platform, spec, body, ids, marks)
     return prefix if prefix >= spec.min_cacheable_tokens else 0

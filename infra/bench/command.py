@@ -35,6 +35,13 @@ def register_bench(subparsers: Any) -> None:
             "table and writes bench-results/bench-<timestamp>.json and latest.json."
         ),
     )
+    bench.add_argument(
+        "--scenario",
+        choices=["load", "agent"],
+        default="load",
+        help="load: the serving benchmark; agent: prompt caching under an agent's multi-turn"
+        " replay (infra/bench/agent.py, docs/caching.md)",
+    )
     bench.add_argument("--concurrency", type=_levels, default=[1, 16], help="e.g. 1,16")
     bench.add_argument("--requests-per-client", type=int, default=8)
     bench.add_argument("--max-tokens", type=int, default=64)
@@ -75,6 +82,15 @@ def register_bench(subparsers: Any) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.scenario == "agent":
+        from infra.bench import agent
+
+        return agent.main(
+            [
+                *("--workers", str(max(2, args.workers))),
+                *("--output-dir", str(args.output_dir)),
+            ]
+        )
     config = BenchConfig(
         concurrency=args.concurrency,
         requests_per_client=args.requests_per_client,

@@ -113,3 +113,34 @@ def test_greedy_answers_name_the_capital(
     )
     assert capital in text, text
     assert final.stop_reason == "end_turn", text
+
+
+def test_prompt_cache_changes_no_greedy_output(folder: Path) -> None:
+    """Prefix KV reuse (docs/caching.md): 64 greedy tokens, token for token, on a conversation
+    whose every turn starts with the previous turn's prompt, with and without the cache."""
+    cached = TransformersEngine.load(folder, max_batch=4, prefix_cache_bytes=256 << 20)
+    plain = TransformersEngine.load(folder, max_batch=4)
+    try:
+        renderer = cached.renderer
+        system = "You are a helpful assistant for a train company. " * 12
+        turns: list[tuple[str, str]] = []
+        reads = []
+        for n, question in enumerate(
+            ["When does the first train leave?", "And the last one?", "Is there a bar car?"]
+        ):
+            turns.append(("user", question))
+            ids = renderer.encode(renderer.render(system, turns))
+            params = SamplingParams(max_tokens=64, temperature=0.0)
+            expected = plain.submit(Submission(f"p{n}", ids, params))
+            got = cached.submit(Submission(f"c{n}", ids, params, cache_prefix_tokens=len(ids)))
+            for generation in (expected, got):
+                assert isinstance(list(generation.events(timeout=600))[-1], Finished)
+            assert got.token_ids == expected.token_ids, f"turn {n + 1}"
+            assert got.cache_use is not None
+            reads.append(got.cache_use.read_tokens)
+            turns.append(("assistant", renderer.decode(expected.token_ids)))
+        # Whole 64-token blocks only: a turn reads what the previous turns stored in full.
+        assert reads[0] == 0 and reads[1] > 0 and reads[2] >= reads[1]
+    finally:
+        cached.stop()
+        plain.stop()
