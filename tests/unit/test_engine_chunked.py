@@ -115,3 +115,14 @@ def test_a_constrained_long_prompt_is_masked_from_its_first_token(
     assert isinstance(final, Finished) and final.stop_reason == "end_turn"
     text = "".join(e.text for e in events if isinstance(e, TextChunk))
     jsonschema.validate(json.loads(text), schema)
+
+
+def test_a_long_prompt_alone_is_prefilled_by_the_stepping_thread(tiny_model_dir: Path) -> None:
+    """Nothing else running or waiting: the thread still steps through every chunk (it once
+    waited for idle capacity instead, so a lone long prompt never got its first token)."""
+    engine = TransformersEngine.load(tiny_model_dir, max_batch=4, prefill_chunk_tokens=CHUNK)
+    try:
+        result = collect(engine.submit(Submission("alone", long_prompt(engine), greedy(4))))
+        assert isinstance(result.final, Finished) and len(result.ids) == 4
+    finally:
+        engine.stop()

@@ -327,7 +327,7 @@ class TransformersEngine:
                         return
                     cancels, self._cancel = self._cancel, set()
                     admitted = self._admit(cancels)
-                    if not (admitted or self._batch.seqs or cancels):
+                    if not (admitted or self._batch.seqs or self._prefilling or cancels):
                         # Only background requests wait, for idle capacity: not a busy loop.
                         self._cond.wait(BACKGROUND_LINGER_S)
                         continue
