@@ -37,7 +37,7 @@ def engine(tiny_model_dir: Path) -> Iterator[TransformersEngine]:
 @pytest.fixture(scope="module")
 def whole(tiny_model_dir: Path) -> Iterator[TransformersEngine]:
     """The same model prefilling every prompt in one forward."""
-    engine = TransformersEngine.load(tiny_model_dir, max_batch=4)
+    engine = TransformersEngine.load(tiny_model_dir, max_batch=4, prefill_chunk_tokens=1 << 30)
     yield engine
     engine.stop()
 
