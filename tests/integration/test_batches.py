@@ -11,7 +11,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from api.anthropic.batches import new_batch_id
-from db.batches import NewItem, create_batch, lock_dispatch, take_pending
+from db.batch_steps import lock_dispatch, take_pending
+from db.batches import NewItem, create_batch
 from db.models import BatchRequest, MessageBatch, Request
 from db.session import get_sessionmaker
 from infra.launcher.stack import Stack
