@@ -54,7 +54,7 @@ from contract.queueing import (
     queued_jobs_key,
 )
 from contract.worker_registry import HEARTBEAT_SCRIPT, heartbeat_call
-from db.batches import settle_item
+from db.batch_steps import settle_item
 from db.ledger import Outcome, Settlement, claim_request, settle_request
 from db.pricing import Prices
 from db.session import in_autocommit, transaction

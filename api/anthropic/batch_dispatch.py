@@ -4,7 +4,7 @@ Every API replica runs one (ABL_BATCH_DISPATCH); each pass, in short transaction
 1. requests whose worker died (or that never left the queue: still queued
    ABL_BATCH_LOST_AFTER_S after dispatch while no job waits in their lane, they are settled
    as failed first) go back to pending, up to
-   ABL_BATCH_MAX_ATTEMPTS runs (`db.batches.retry_orphans`): batch requests are retried,
+   ABL_BATCH_MAX_ATTEMPTS runs (`db.batch_steps.retry_orphans`): batch requests are retried,
    interactive ones are not;
 2. batches past their expiry: pending requests end `expired`, running ones are stopped;
 3. under an advisory lock (one dispatcher of all replicas at a time), up to
@@ -45,7 +45,7 @@ from api.platform import Platform
 from contract.catalog import ModelSpec
 from contract.jobs import TASK_GENERATE, GenerateJob
 from contract.queueing import batch_lane
-from db import batches as db
+from db import batch_steps as db
 from db.ledger import AccountUnavailable, InsufficientCredits, NewRequest, open_request
 from db.pricing import Prices
 from db.session import transaction

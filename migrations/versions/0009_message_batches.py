@@ -2,7 +2,7 @@
 
 `message_batch`: one row per Message Batch (Anthropic's batch API); `batch_request`: one row per
 request in it, its params kept until the batch is archived, its outcome written in the same
-transaction as the settlement of the request that ran it (db/batches.py). Params and results
+transaction as the settlement of the request that ran it (db/batch_steps.py). Params and results
 are JSON text, not jsonb: a client's JSON may hold a NUL character (\u0000), which jsonb
 refuses. `request.batch_id` says which batch a request ran for (NULL: interactive); no foreign
 key, so usage by batch survives the batch's deletion. The application's role may delete

@@ -441,3 +441,47 @@ def test_api_sigterm_ends_open_streams_with_an_error(fault_stack: Stack, key: st
     assert rest[-1][0] == "error"
     assert fault_stack.api.wait(30) is not None
     books_are_straight(fault_stack)
+
+
+def test_a_batch_survives_restarts_of_the_api_and_the_workers(fault_stack: Stack, key: str) -> None:
+    """Everything a batch is lives in Postgres: the API (its dispatcher) and both workers are
+    SIGKILLed mid-batch and started again, and every request still ends succeeded, once."""
+    assert fault_stack.api is not None and fault_stack.database_url
+    if not fault_stack.api.alive:  # the test before this one stops it
+        fault_stack.api.start()
+    fault_stack.wait_ready(min_workers=2)
+    client = anthropic.Anthropic(base_url=fault_stack.base_url, api_key=key, max_retries=2)
+    params = {"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "Go"}]}
+    requests = [{"custom_id": f"s{i}", "params": params} for i in range(120)]
+    batch = client.messages.batches.create(requests=requests)  # type: ignore[arg-type]
+    wait_for(
+        lambda: client.messages.batches.retrieve(batch.id).request_counts.succeeded > 0,
+        timeout=60,
+        interval=0.1,
+    )
+    fault_stack.api.send_signal(signal.SIGKILL)
+    fault_stack.api.wait(30)
+    for i in range(len(fault_stack.workers)):
+        fault_stack.kill_worker(i, signal.SIGKILL)
+    with get_sessionmaker(fault_stack.database_url)() as session:
+        open_ = session.scalar(
+            select(func.count()).where(
+                BatchRequest.batch_id == batch.id,
+                BatchRequest.status.in_(("pending", "dispatched")),
+            )
+        )
+    assert open_, "the batch ended before the processes were killed"
+    fault_stack.api.start()
+    _restart_workers(fault_stack)
+    deadline = time.monotonic() + 300
+    while client.messages.batches.retrieve(batch.id).processing_status != "ended":
+        assert time.monotonic() < deadline, _batch_state(fault_stack, batch.id)
+        time.sleep(0.5)
+    results = list(client.messages.batches.results(batch.id))
+    assert len(results) == 120 and {r.result.type for r in results} == {"succeeded"}
+    with get_sessionmaker(fault_stack.database_url)() as session:
+        succeeded = session.scalar(
+            select(func.count()).where(Request.batch_id == batch.id, Request.status == "succeeded")
+        )
+    assert succeeded == 120
+    books_are_straight(fault_stack)

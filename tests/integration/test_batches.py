@@ -11,8 +11,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from api.anthropic.batches import new_batch_id
+from db.batch_steps import lock_dispatch, take_pending
 from db.batches import NewItem, create_batch
 from db.models import BatchRequest, MessageBatch, Request
+from db.session import get_sessionmaker
 from infra.launcher.stack import Stack
 from tests.conftest import AccountFactory, ApiAccount
 from tests.integration.test_money import assert_books_straight
@@ -238,4 +240,39 @@ def test_params_holding_nul_characters_are_stored(
     wait_ended(client, created.id)
     (line,) = list(client.messages.batches.results(created.id))
     assert line.custom_id == "nul" and line.result.type == "succeeded"
+    assert_books_straight(admin, account.id)
+
+
+def test_dispatchers_of_several_replicas_never_take_the_same_request(
+    stack: Stack, account: ApiAccount, client: anthropic.Anthropic, admin: httpx.Client
+) -> None:
+    """One dispatcher at a time counts and fills what is in flight (the advisory lock), and
+    rows one transaction holds are skipped by another, never waited for."""
+    assert stack.database_url is not None
+    sessions = get_sessionmaker(stack.database_url)
+    with sessions() as first, sessions() as second:
+        assert lock_dispatch(first)  # the stack's own dispatcher now skips its passes too
+        assert not lock_dispatch(second)
+        batch_id = new_batch_id()
+        with sessions() as creating:
+            items = [
+                NewItem(f"d{i}", MODEL, item(f"d{i}", max_tokens=2)["params"]) for i in range(6)
+            ]  # type: ignore[arg-type]
+            create_batch(
+                creating,
+                batch_id=batch_id,
+                account_id=account.id,
+                api_key_id=None,
+                items=items,
+                expires_at=datetime.now(UTC) + timedelta(hours=1),
+            )
+            creating.commit()
+        taken = {(p.batch_id, p.position) for p in take_pending(first, 10_000)}
+        also = {(p.batch_id, p.position) for p in take_pending(second, 10_000)}
+        ours = {(batch_id, i) for i in range(6)}
+        assert ours <= taken and not (also & taken)
+        first.rollback()
+        second.rollback()
+    wait_ended(client, batch_id)
+    assert {r.result.type for r in client.messages.batches.results(batch_id)} == {"succeeded"}
     assert_books_straight(admin, account.id)
