@@ -9,6 +9,8 @@ import anthropic
 import pytest
 import redis
 
+from api.anthropic.convert import conversation_of
+from api.anthropic.protocol import MessagesRequest
 from contract.catalog import DEFAULT_MODEL
 from contract.keys import WORKER_REGISTRY
 from contract.prefix_routing import (
@@ -18,6 +20,7 @@ from contract.prefix_routing import (
     affinity_workers_key,
     block_keys,
     prefix_owner_key,
+    routable_keys,
 )
 from contract.rendering import PromptRenderer
 from infra.launcher.stack import Stack
@@ -136,3 +139,41 @@ def test_the_cache_shows_in_the_metrics(stack: Stack, client: anthropic.Anthropi
         lambda: once(api_url, api_read, second.usage.cache_read_input_tokens, api_before)
     )
     assert grew(api_before, api, "abl_cache_creation_input_tokens_total") > 0
+
+
+def test_a_dead_preferred_worker_falls_back_to_the_shared_lanes(
+    stack: Stack, client: anthropic.Anthropic, client_redis: redis.Redis
+) -> None:
+    """Every block of the prompt announced by a worker that is gone: the request still runs,
+    on the shared lanes, and the decision is counted as `dead`."""
+    renderer = PromptRenderer.from_folder(stack.model_dir)
+    system = long_system(renderer, 1100, seed=31)
+    body = {
+        "model": DEFAULT_MODEL.id,
+        "max_tokens": 16,
+        "system": system,
+        "messages": [{"role": "user", "content": "Ghost"}],
+        "cache_control": {"type": "ephemeral"},  # the whole prompt
+    }
+    ids = renderer.prompt(conversation_of(MessagesRequest.model_validate(body))).ids
+    owners = [prefix_owner_key(DEFAULT_MODEL.queue, k) for k in routable_keys(ids, len(ids))]
+    assert owners
+    for owner in owners:
+        client_redis.set(owner, "ghost-worker", ex=60)
+    metrics_url = f"{stack.base_url}/metrics"
+    before = scrape(metrics_url).get(
+        "abl_prefix_routing_total", model=DEFAULT_MODEL.id, decision="dead"
+    )
+    try:
+        message = client.messages.create(**body, extra_body={"temperature": 0.0})  # type: ignore[call-overload]
+        assert message.usage.cache_creation_input_tokens > 1000  # ran, on the live worker
+        wait_for(
+            lambda: (
+                scrape(metrics_url).get(
+                    "abl_prefix_routing_total", model=DEFAULT_MODEL.id, decision="dead"
+                )
+                == before + 1
+            )
+        )
+    finally:
+        client_redis.delete(*owners)

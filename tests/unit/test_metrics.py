@@ -21,6 +21,7 @@ from api.metrics import RequestMeter
 from contract.catalog import Catalog, ModelSpec
 from contract.events import DeltaEvent, DoneEvent
 from contract.logs import REQUEST_LOGGER, JsonFormatter
+from workers.backends.seam import EngineStats
 from workers.telemetry import EngineCollector
 
 DASHBOARD = (
@@ -177,6 +178,13 @@ def test_engine_collector_reads_stats_at_scrape_time() -> None:
         kv_tokens=512,
         kv_allocated_tokens=600,
         kv_capacity_tokens=2048,
+        prefix_lookups=10,
+        prefix_hits=7,
+        prefix_read_tokens=7000,
+        prefix_stored_tokens=3000,
+        prefix_evictions=4,
+        prefix_bytes=1 << 20,
+        prefix_budget_bytes=1 << 22,
     )
     engine = SimpleNamespace(stats=stats)
     families = {f.name: f for f in EngineCollector({"m": engine}).collect()}  # type: ignore[dict-item]
@@ -187,6 +195,8 @@ def test_engine_collector_reads_stats_at_scrape_time() -> None:
     assert samples[("abl_worker_kv_cache_usage_ratio", ("m",))] == 0.25
     assert samples[("abl_worker_generated_tokens_total", ("m",))] == 120
     assert samples[("abl_worker_generations_total", ("m", "cancelled"))] == 2
+    assert samples[("abl_worker_prefix_cache_hits_total", ("m",))] == 7
+    assert samples[("abl_worker_prefix_cache_bytes", ("m",))] == 1 << 20
     stats.active = 0
     again = {f.name: f for f in EngineCollector({"m": engine}).collect()}  # type: ignore[dict-item]
     assert again["abl_worker_batch_size"].samples[0].value == 0
@@ -195,25 +205,7 @@ def test_engine_collector_reads_stats_at_scrape_time() -> None:
 def known_series() -> set[str]:
     """Every series name the API and worker registries and the engine collector can expose."""
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
-    fake = SimpleNamespace(
-        stats=SimpleNamespace(
-            **dict.fromkeys(
-                [
-                    "active",
-                    "waiting",
-                    "steps",
-                    "tokens_generated",
-                    "cancelled",
-                    "finished",
-                    "failed",
-                    "kv_tokens",
-                    "kv_allocated_tokens",
-                    "kv_capacity_tokens",
-                ],
-                0,
-            )
-        )
-    )
+    fake = SimpleNamespace(stats=EngineStats())
     families = [*REGISTRY.collect(), *EngineCollector({"m": fake}).collect()]  # type: ignore[dict-item]
     names = set()
     for family in families:
