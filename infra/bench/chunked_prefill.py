@@ -18,7 +18,7 @@ from typing import Any
 from contract.jobs import SamplingParams
 from workers.backends.seam import Submission, TextChunk
 from workers.backends.transformers.engine import TransformersEngine
-from workers.models.tiny import build_default_model
+from workers.models.tiny import build_tiny_model
 
 
 def measure(model_dir: Path, prompt_tokens: int, chunk: int) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", default="512,2048,0", help="chunk sizes; 0: no chunking")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build_default_model(Path(tmp) / "model")
+        folder = build_tiny_model(Path(tmp) / "model")
         for chunk in (int(c) for c in args.chunks.split(",")):
             print(json.dumps(measure(folder, args.prompt_tokens, chunk)))
 
