@@ -13,8 +13,8 @@ from workers.backends.transformers.engine import TransformersEngine
 
 
 @pytest.fixture
-def engine(default_model_dir: Path) -> Iterator[TransformersEngine]:
-    made = TransformersEngine(default_model_dir, max_batch=4, background_reserve=1)
+def engine(tiny_model_dir: Path) -> Iterator[TransformersEngine]:
+    made = TransformersEngine(tiny_model_dir, max_batch=4, background_reserve=1)
     yield made
     made.stop()
 

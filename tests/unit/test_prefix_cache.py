@@ -42,16 +42,16 @@ def conversation(engine: TransformersEngine, turns: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def plain(default_model_dir: Path) -> Iterator[TransformersEngine]:
-    engine = TransformersEngine.load(default_model_dir, max_batch=4)
+def plain(tiny_model_dir: Path) -> Iterator[TransformersEngine]:
+    engine = TransformersEngine.load(tiny_model_dir, max_batch=4)
     yield engine
     engine.stop()
 
 
 @pytest.fixture(scope="module")
-def cached(default_model_dir: Path) -> Iterator[TransformersEngine]:
+def cached(tiny_model_dir: Path) -> Iterator[TransformersEngine]:
     engine = TransformersEngine.load(
-        default_model_dir, max_batch=4, prefix_cache_bytes=64 << 20, prefix_block_tokens=BLOCK
+        tiny_model_dir, max_batch=4, prefix_cache_bytes=64 << 20, prefix_block_tokens=BLOCK
     )
     yield engine
     engine.stop()
