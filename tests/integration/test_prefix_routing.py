@@ -11,7 +11,6 @@ import redis
 
 from api.anthropic.convert import conversation_of
 from api.anthropic.protocol import MessagesRequest
-from contract.catalog import DEFAULT_MODEL
 from contract.keys import WORKER_REGISTRY
 from contract.prefix_routing import (
     RESCUE,
@@ -26,7 +25,7 @@ from contract.rendering import PromptRenderer
 from infra.launcher.stack import Stack
 from tests.integration.test_prompt_cache import ask, long_system, marked
 from tests.scrape import Samples, scrape
-from tests.support import wait_for
+from tests.support import STACK_MODEL_SPEC, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -90,19 +89,19 @@ def test_the_second_turn_goes_to_the_worker_holding_the_prefix(
     first = ask(client, marked(system), "First")
     assert first.usage.cache_creation_input_tokens > 1000
     # The worker announced the blocks it stored, under its own name.
-    owners = client_redis.keys(f"abl:prefix:{DEFAULT_MODEL.queue}:*")
+    owners = client_redis.keys(f"abl:prefix:{STACK_MODEL_SPEC.queue}:*")
     names = {client_redis.get(k) for k in owners}
     assert len(owners) >= first.usage.cache_creation_input_tokens // 64
     assert names == {stack.workers[0].env["ABL_WORKER_NAME"].encode()}
     before = scrape(f"{stack.base_url}/metrics").get(
-        "abl_prefix_routing_total", model=DEFAULT_MODEL.id, decision="taken"
+        "abl_prefix_routing_total", model=STACK_MODEL_SPEC.id, decision="taken"
     )
     second = ask(client, marked(system), "Second")
     assert second.usage.cache_read_input_tokens == first.usage.cache_creation_input_tokens
     wait_for(
         lambda: (
             scrape(f"{stack.base_url}/metrics").get(
-                "abl_prefix_routing_total", model=DEFAULT_MODEL.id, decision="taken"
+                "abl_prefix_routing_total", model=STACK_MODEL_SPEC.id, decision="taken"
             )
             == before + 1
         )
@@ -117,7 +116,7 @@ def test_the_cache_shows_in_the_metrics(stack: Stack, client: anthropic.Anthropi
     before, api_before = scrape(worker_url), scrape(f"{stack.base_url}/metrics")
     ask(client, marked(system), "First")
     second = ask(client, marked(system), "Second")
-    model = DEFAULT_MODEL.id
+    model = STACK_MODEL_SPEC.id
 
     def grew(samples_before: Samples, samples: Samples, name: str) -> float:
         return samples.get(name, model=model) - samples_before.get(name, model=model)
@@ -149,20 +148,20 @@ def test_a_dead_preferred_worker_falls_back_to_the_shared_lanes(
     renderer = PromptRenderer.from_folder(stack.model_dir)
     system = long_system(renderer, 1100, seed=31)
     body = {
-        "model": DEFAULT_MODEL.id,
+        "model": STACK_MODEL_SPEC.id,
         "max_tokens": 16,
         "system": system,
         "messages": [{"role": "user", "content": "Ghost"}],
         "cache_control": {"type": "ephemeral"},  # the whole prompt
     }
     ids = renderer.prompt(conversation_of(MessagesRequest.model_validate(body))).ids
-    owners = [prefix_owner_key(DEFAULT_MODEL.queue, k) for k in routable_keys(ids, len(ids))]
+    owners = [prefix_owner_key(STACK_MODEL_SPEC.queue, k) for k in routable_keys(ids, len(ids))]
     assert owners
     for owner in owners:
         client_redis.set(owner, "ghost-worker", ex=60)
     metrics_url = f"{stack.base_url}/metrics"
     before = scrape(metrics_url).get(
-        "abl_prefix_routing_total", model=DEFAULT_MODEL.id, decision="dead"
+        "abl_prefix_routing_total", model=STACK_MODEL_SPEC.id, decision="dead"
     )
     try:
         message = client.messages.create(**body, extra_body={"temperature": 0.0})  # type: ignore[call-overload]
@@ -170,7 +169,7 @@ def test_a_dead_preferred_worker_falls_back_to_the_shared_lanes(
         wait_for(
             lambda: (
                 scrape(metrics_url).get(
-                    "abl_prefix_routing_total", model=DEFAULT_MODEL.id, decision="dead"
+                    "abl_prefix_routing_total", model=STACK_MODEL_SPEC.id, decision="dead"
                 )
                 == before + 1
             )

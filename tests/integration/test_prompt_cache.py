@@ -12,17 +12,17 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from contract.catalog import DEFAULT_MODEL
 from contract.rendering import PromptRenderer
 from db.models import Request
 from db.pricing import Prices
 from infra.launcher.stack import Stack
 from tests.conftest import ApiAccount
 from tests.integration.api_process import api_process
+from tests.support import STACK_MODEL_SPEC
 
 pytestmark = pytest.mark.integration
 
-MODEL = DEFAULT_MODEL.id
+MODEL = STACK_MODEL_SPEC.id
 WORDS = [
     "parcel",
     "customs",
