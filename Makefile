@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: install up test lint typecheck check fmt bench bench-usage bench-fairness bench-batch bench-abuse \
-	soak fuzz k8s-secrets
+	soak fuzz k8s-secrets proof-constraints
 
 install: $(STAMP)
 
@@ -55,6 +55,11 @@ bench-batch: $(STAMP)
 	$(BIN)/python -m infra.bench.batch $(BENCH_BATCH_ARGS)
 
 # Account B's time to first token while account A floods 300 streams (infra/bench/fairness.py).
+# Issue 14's proof on the default model: 100 forced tool calls and 100 structured outputs on
+# SmolLM2 through the engine, each valid against its schema (make test runs 10 + 10).
+proof-constraints: $(STAMP)
+	ABL_CONSTRAINT_PAIRS=100 $(BIN)/python -m pytest -q tests/model/test_constrained_smollm2.py
+
 bench-fairness: $(STAMP)
 	$(BIN)/python -m infra.bench.fairness $(FAIRNESS_ARGS)
 

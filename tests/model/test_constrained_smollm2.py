@@ -1,10 +1,12 @@
-"""The real default model under grammars, through the engine: 100 forced tool calls and 100
-structured outputs at temperature 1.0 and max_tokens 200, all complete and valid (issue 14).
+"""The real default model under grammars, through the engine: forced tool calls and structured
+outputs at temperature 1.0 and max_tokens 200, all complete and valid (issue 14).
 
-Run alone with `pytest -m real_model tests/model` (the model is fetched once per machine).
+`make test` runs 10 + 10 (ABL_CONSTRAINT_PAIRS) to keep the suite within its time; the issue's
+full proof, 100 + 100 (about 15 minutes on 2 loaded cores), is `make proof-constraints`.
 """
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from workers.backends.transformers.engine import TransformersEngine
 
 pytestmark = pytest.mark.real_model
 MAX_TOKENS = 200
+PAIRS = int(os.environ.get("ABL_CONSTRAINT_PAIRS", "10"))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def text_of(generation: Generation) -> tuple[str, Finished]:
 
 
 @pytest.mark.timeout(1800)  # 200 requests on the 135M model: minutes on 2 cores
-def test_100_forced_calls_and_100_structured_outputs_are_valid(
+def test_forced_calls_and_structured_outputs_are_valid(
     engine: TransformersEngine,
 ) -> None:
     specs = [ToolSpec(name, schema, f"The {name} tool") for name, schema in TOOLS.items()]
@@ -50,7 +53,7 @@ def test_100_forced_calls_and_100_structured_outputs_are_valid(
     )
     names = [*TOOLS, None]
     work: list[tuple[Generation, str, object]] = []
-    for i in range(100):
+    for i in range(PAIRS):
         name = names[i % len(names)]
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0)
         tool = Constraint("tool_call", tools=TOOLS, name=name)
