@@ -60,6 +60,11 @@ class EventHub:
                     with contextlib.suppress(Exception):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
                     raise
+                # The reader task is this connection's only reader: the client's periodic health
+                # check would PING from `subscribe` and read beside it ("readuntil() called
+                # while another coroutine is already waiting"), a 500 after 15 idle seconds. A
+                # dead connection still shows: the reader's read fails and the hub restarts.
+                pubsub.connection.health_check_interval = 0  # type: ignore[attr-defined]
                 self._pubsub = pubsub
                 self._reader = asyncio.create_task(self._read(pubsub))
             return self._pubsub
