@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from db.daily_usage import NO_KEY, utc_day
+from db.daily_usage import NO_KEY, ROLLUP_METRICS, utc_day
 from db.models import TERMINAL_STATUSES, Account, DailyUsage, Request
 
 # The names the API, the CLI and the CSV header use, in output order.
@@ -46,15 +46,7 @@ GROUP_COLUMN_NAMES = {
 }
 # input_tokens counts every prompt token; the cache columns say how many of them were read from
 # the prompt cache and written to it (docs/caching.md).
-METRIC_NAMES = (
-    "requests",
-    "input_tokens",
-    "output_tokens",
-    "credits_charged",
-    "cost_usd",
-    "cache_read_input_tokens",
-    "cache_creation_input_tokens",
-)
+METRIC_NAMES = ROLLUP_METRICS
 # Hash-aggregating a month of rollup rows needs more than PostgreSQL's default 4MB.
 REPORT_WORK_MEM = "64MB"
 

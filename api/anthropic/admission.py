@@ -10,6 +10,8 @@ import logging
 from dataclasses import dataclass
 
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import Connection
+from sqlalchemy.orm import Session
 
 from api.anthropic.caching import cacheable_tokens
 from api.anthropic.convert import conversation_of, sampling_params, thinking_budget, tool_use
@@ -262,8 +264,14 @@ async def _release_logged(limiter: RateLimiter, ticket: Ticket, refund: Cost) ->
 
 
 def _open(database_url: str, new: NewRequest) -> None:
+    in_autocommit(database_url, lambda conn: open_admitted(conn, new))
+
+
+def open_admitted(session: Session | Connection, new: NewRequest) -> None:
+    """Opens the request's row and holds its credits; a hold the account cannot make is the
+    client's error (interactive requests and batch items alike)."""
     try:
-        in_autocommit(database_url, lambda conn: open_request(conn, new))
+        open_request(session, new)
     except InsufficientCredits as exc:
         raise BillingError(
             f"insufficient credits: this request may cost up to {exc.needed} credits,"

@@ -30,14 +30,12 @@ from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from api.anthropic.admission import decide_max_tokens, resolve_model, tokenize
+from api.anthropic.admission import decide_max_tokens, open_admitted, resolve_model, tokenize
 from api.anthropic.convert import conversation_of, sampling_params, thinking_budget, tool_use
 from api.anthropic.protocol import MessagesRequest
 from api.errors import (
     ApiError,
-    BillingError,
     InvalidRequestError,
-    PermissionDeniedError,
     format_validation_errors,
 )
 from api.ids import new_message_id, new_request_id
@@ -46,7 +44,7 @@ from contract.catalog import ModelSpec
 from contract.jobs import TASK_GENERATE, GenerateJob
 from contract.queueing import batch_lane
 from db import batch_steps as db
-from db.ledger import AccountUnavailable, InsufficientCredits, NewRequest, open_request
+from db.ledger import NewRequest
 from db.pricing import Prices
 from db.session import transaction
 
@@ -191,15 +189,7 @@ class BatchDispatcher:
             prices=prices,
             batch_id=item.batch_id,
         )
-        try:
-            open_request(session, new)
-        except InsufficientCredits as exc:
-            raise BillingError(
-                f"insufficient credits: this request may cost up to {exc.needed} credits,"
-                f" available {exc.available}"
-            ) from None
-        except AccountUnavailable:
-            raise PermissionDeniedError("this account is disabled") from None
+        open_admitted(session, new)
         job = GenerateJob(
             request_id=request_id,
             model=spec.id,
